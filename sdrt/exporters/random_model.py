@@ -1,0 +1,80 @@
+"""Random-weight Stable Diffusion pipelines of a named architecture, saved in diffusers format.
+
+Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build); benchmarks use ``sd15``
+(the real SD 1.5 shapes; latency does not depend on weight values). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..errors import ExportError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "data" / "clip_tokenizer"
+
+# SD 1.5's scheduler_config.json; PNDM ignores clip_sample but keeps it in its config, as the hub file does
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
+                      set_alpha_to_one=False, clip_sample=False)
+
+ARCHITECTURES = {
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1,
+                 latent_channels=4, sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  projection_dim=32, hidden_act="quick_gelu"),
+    ),
+    "sd15": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2,
+                 latent_channels=4, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, hidden_act="quick_gelu"),
+    ),
+}
+
+
+def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
+                       prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a random-weight StableDiffusionPipeline of architecture ``arch`` to ``out`` (diffusers format).
+
+    Args:
+        out: folder to write (created; existing files are overwritten).
+        arch: a key of ``ARCHITECTURES`` ("tiny" for tests, "sd15" for benchmarks).
+        inpaint: 9-channel UNet input (latents ⊕ mask ⊕ masked-image latents).
+        prediction_type: "epsilon" or "v_prediction", stored in the scheduler config.
+        seed: torch seed of the random initialisation.
+    """
+    if arch not in ARCHITECTURES:
+        raise ExportError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    cfg = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.18215, **cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                                **cfg["text"]))
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        scheduler=PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log.info("wrote a random %s model (inpaint=%s, %s) to %s", arch, inpaint, prediction_type, out)
+    return out

@@ -1,0 +1,1 @@
+"""NumPy-only pipeline: tokenizer, schedules and samplers, denoisers, tasks, image I/O. Never imports torch."""

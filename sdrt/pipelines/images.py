@@ -1,0 +1,65 @@
+"""Image I/O at the pipeline boundary: PIL <-> arrays, masks, A1111 infotext in PNG files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ..errors import InvalidRequest
+
+
+def open_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"{path}: not a readable image ({e})") from None
+
+
+def to_array(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """(1, 3, H, W) float32 in [-1, 1]; resized with Lanczos when the size differs (as diffusers does)."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    return (x.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def mask_array(mask: Image.Image, width: int, height: int) -> np.ndarray:
+    """(1, 1, H, W) binary float32 mask, 1 = repaint (white), as diffusers' mask processor binarizes it."""
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.LANCZOS)
+    m = np.asarray(mask, dtype=np.float32) / 255.0
+    return (m >= 0.5).astype(np.float32)[None, None]
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(B, 3, H, W) decoder output in [-1, 1] -> PIL images, rounded as diffusers' postprocess rounds."""
+    x = np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [Image.fromarray(a) for a in (x * 255.0).round().astype(np.uint8)]
+
+
+def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
+    """A1111's generation-parameters text: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None))
+    return "\n".join(lines)
+
+
+def _quote(value) -> str:
+    """A1111's ``quote``: values holding ',', ':' or a newline are written as JSON strings."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def save_png(image: Image.Image, path: str | Path, text: str) -> None:
+    """Save with the infotext in a 'parameters' tEXt chunk (where A1111 and its PNG Info read it)."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    image.save(path, pnginfo=meta)

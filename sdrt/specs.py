@@ -1,0 +1,117 @@
+"""Declarative specs of every exportable component: tensor names, symbolic shapes, parity tolerance.
+
+Exporters and runtimes both read these; variants are made with ``dataclasses.replace``.
+Shapes use symbols resolved at run time: ``B`` batch, ``H``/``W`` image size in pixels (``H/8`` is the
+latent size), ``S`` token length (77 per prompt chunk), ``D`` text hidden size, ``L`` hidden-state count,
+``C`` latent channels, ``CI`` UNet input channels. numpy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+CLIP_LENGTH = 77          # tokens per CLIP chunk, BOS and EOS included
+VAE_FACTOR = 8            # pixels per latent cell
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(_resolve(d, dims) for d in self.shape)
+
+
+def _resolve(dim: int | str, dims: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    if "/" in dim:                                    # "H/8": latent size of an image size
+        symbol, divisor = dim.split("/")
+        return dims[symbol] // int(divisor)
+    if dim[0].isdigit():                              # "2C": a multiple of a symbol
+        return int(dim[0]) * dims[dim[1:]]
+    return dims[dim]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    atol: float = 1e-3                  # ONNX-vs-torch parity tolerance (fp32)
+    opset: int = 17
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Symbolic axes of every input and output, in torch.onnx.export's format."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs)}
+
+    def shapes(self, **dims: int) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in (*self.inputs, *self.outputs)}
+
+    def profile(self, lo: dict, opt: dict, hi: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shape of every input, for engines with shape ranges (TensorRT, OpenVINO)."""
+        return {t.name: (t.resolve(lo), t.resolve(opt), t.resolve(hi)) for t in self.inputs}
+
+    def sample(self, rng: np.random.Generator, **dims: int) -> dict[str, np.ndarray]:
+        """Random inputs of the resolved shapes, for export tracing and parity checks."""
+        feeds = {}
+        for t in self.inputs:
+            shape = t.resolve(dims)
+            if t.dtype.startswith("int"):
+                feeds[t.name] = rng.integers(0, dims.get("V", 1000), shape).astype(t.dtype)
+            elif t.name == "timestep":
+                feeds[t.name] = rng.uniform(0, 999, shape).astype(t.dtype)
+            else:
+                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        return feeds
+
+
+TEXT_ENCODER = ComponentSpec(
+    "text_encoder",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
+    outputs=(TensorSpec("last_hidden_state", ("B", "S", "D")),
+             TensorSpec("pooler_output", ("B", "D")),
+             # final_layer_norm(h_i) for the embeddings and every layer: CLIP skip N is hidden_states[-N]
+             TensorSpec("hidden_states", ("L", "B", "S", "D"))),
+    atol=1e-4,
+)
+
+UNET = ComponentSpec(
+    "unet",
+    inputs=(TensorSpec("sample", ("B", "CI", "H/8", "W/8")),
+            TensorSpec("timestep", ("B",)),
+            TensorSpec("encoder_hidden_states", ("B", "S", "D"))),
+    outputs=(TensorSpec("out_sample", ("B", "C", "H/8", "W/8")),),
+    atol=2e-3,
+)
+
+VAE_ENCODER = ComponentSpec(
+    "vae_encoder",
+    inputs=(TensorSpec("sample", ("B", 3, "H", "W")),),
+    outputs=(TensorSpec("latent_parameters", ("B", "2C", "H/8", "W/8")),),   # mean ⊕ logvar
+    atol=2e-3,
+)
+
+VAE_DECODER = ComponentSpec(
+    "vae_decoder",
+    inputs=(TensorSpec("latent_sample", ("B", "C", "H/8", "W/8")),),
+    outputs=(TensorSpec("sample", ("B", 3, "H", "W")),),
+    atol=2e-3,
+)
+
+SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
+
+
+def half(spec: ComponentSpec) -> ComponentSpec:
+    """The fp16 variant of a spec: same names and shapes, float16 tensors, looser parity."""
+    def f16(t: TensorSpec) -> TensorSpec:
+        return replace(t, dtype="float16") if t.dtype == "float32" else t
+    return replace(spec, inputs=tuple(map(f16, spec.inputs)), outputs=tuple(map(f16, spec.outputs)),
+                   atol=max(spec.atol * 20, 2e-2))
