@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline: build a tiny random-weight model, export, generate, time it")
     d.add_argument("--out", type=Path, help="keep the demo's files here (default: a temp folder)")
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--size", type=int, default=128)
     d.set_defaults(run=_demo)
     return p
 

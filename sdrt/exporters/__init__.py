@@ -1,0 +1,136 @@
+"""torch/diffusers -> the sdrt model folder (DESIGN §2). The only package that imports torch.
+
+    manifest = export("path/to/diffusers-model", Path("out"), ExportOptions(fp16=True))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ExportError
+from ..manifest import MANIFEST, Component, Manifest, sha256, write
+from ..specs import CLIP_LENGTH, VAE_FACTOR
+from .onnx import WRAPPERS, export_component
+from .sources import Source, load_source
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportOptions", "export"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+    fp16: bool = False              # float16 weights and I/O
+    check_parity: bool = True       # compare every component with torch right after exporting it
+    overwrite: bool = False         # replace a non-empty OUT
+    config: str | None = None       # single-file sources: a diffusers folder of the same architecture
+
+
+def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
+           progress: bool = True) -> Manifest:
+    """Export a Stable Diffusion model to the sdrt folder ``out`` (atomically: all of it or nothing).
+
+    Args:
+        source: a diffusers folder, a Hugging Face Hub id, or a single ``.safetensors``/``.ckpt`` file.
+        out: the folder to write; it must not exist or be empty unless ``options.overwrite``.
+        options: opset, precision, parity check, config folder for single files.
+        progress: show a progress bar over the components.
+    """
+    out = Path(out)
+    _check_out(out, options)
+    model = load_source(str(source), options.config, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"    # same filesystem: rename is atomic
+    try:
+        tmp.mkdir()
+        manifest = _export_into(tmp, model, options, progress)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s to %s", model.name, out)
+    return manifest
+
+
+def _check_out(out: Path, options: ExportOptions) -> None:
+    if options.opset < 17:
+        raise ExportError(f"opset {options.opset} is not supported; pass --opset 17 or newer")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; choose a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not options.overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+
+
+def _export_into(folder: Path, model: Source, options: ExportOptions, progress: bool) -> Manifest:
+    """Write every component, the scheduler and the tokenizer into ``folder``; the manifest last."""
+    architecture = architecture_facts(model)
+    precision = "fp16" if options.fp16 else "fp32"
+    components = {}
+    bar = tqdm(WRAPPERS, desc="export", unit="model", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
+                         check_parity=options.check_parity)
+        log.info("%s exported in %.1f s", name, time.perf_counter() - start)
+        components[name] = Component(spec=name, file=f"{name}.onnx", precision=precision)
+    (folder / "scheduler.json").write_text(json.dumps(model.scheduler_config, indent=2, sort_keys=True))
+    save_tokenizer(model, folder / "tokenizer")
+    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = Manifest(source=model.name, architecture=architecture, components=components, files=files,
+                        sdrt_version=getattr(sys.modules.get("sdrt"), "__version__", ""))
+    write(folder, manifest)
+    return manifest
+
+
+def architecture_facts(model: Source) -> dict:
+    """What the run-time pipeline needs to know about the model, read from the torch configs."""
+    unet, vae, text, tok = model.unet.config, model.vae.config, model.text_encoder.config, model.tokenizer
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if vae_factor != VAE_FACTOR:
+        raise ExportError(f"{model.name}: the VAE downsamples by {vae_factor}, sdrt supports {VAE_FACTOR}")
+    return dict(
+        family="sd2" if unet.cross_attention_dim == 1024 else "sd1",
+        latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
+        vae_scaling_factor=vae.scaling_factor, vae_factor=vae_factor,
+        unet_downsample=2 ** (len(unet.block_out_channels) - 1),
+        prediction_type=model.prediction_type, cross_attention_dim=unet.cross_attention_dim,
+        sample_size=unet.sample_size, text_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+        model_max_length=min(tok.model_max_length, CLIP_LENGTH),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        inpaint=model.inpaint)
+
+
+def save_tokenizer(model: Source, folder: Path) -> None:
+    """Save the tokenizer with a ``tokenizer.json`` that the ``tokenizers`` library loads at run time."""
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "is_fast", False):          # transformers 4.x slow CLIPTokenizer
+        from transformers import CLIPTokenizerFast
+        tokenizer.save_pretrained(folder)
+        tokenizer = CLIPTokenizerFast.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"{model.name}: the tokenizer could not be saved as tokenizer.json")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is removed only after that succeeds."""
+    if not (tmp / MANIFEST).is_file():
+        raise ExportError(f"{tmp}: internal error, the export has no {MANIFEST}")
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

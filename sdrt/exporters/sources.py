@@ -1,8 +1,9 @@
-"""Load the torch components of a Stable Diffusion model from a diffusers folder, a hub id or a single file."""
+"""Load the torch components of a Stable Diffusion model: diffusers folder, hub id or single checkpoint."""
 from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,31 +39,53 @@ class Source:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
 
-def load_source(source: str, config: str | None = None) -> Source:
+def load_source(source: str, config: str | None = None, progress: bool = True) -> Source:
     """Load a diffusers folder, a hub id, or a single ``.safetensors``/``.ckpt`` checkpoint.
 
     Args:
         source: a folder with ``model_index.json``, a checkpoint file, or a Hugging Face Hub id.
         config: for single files only: a diffusers folder (or hub id) of the same architecture whose
             component configs are used, so that loading works offline.
+        progress: let transformers/diffusers show their loading bars.
     """
+    with _library_progress(progress):
+        return _checked(_load(source, config))
+
+
+def _load(source: str, config: str | None) -> Source:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ExportError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                               "pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
-        return _checked(_from_pretrained(str(path), source, local_files_only=True))
+        return _from_pretrained(str(path), str(path.absolute()), local_files_only=True)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ExportError(f"{path}: no such checkpoint file")
-        return _checked(_from_single_file(path, config))
+        return _from_single_file(path, config)
     if path.exists():
         raise ExportError(f"{path}: not a model; pass a diffusers folder (with model_index.json), "
                           f"a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint or a hub id")
     if HUB_ID.match(source):
         _fetch_model_index(source)
-        return _checked(_from_pretrained(source, source))
+        return _from_pretrained(source, source)
     raise ExportError(f"{source}: no such file or folder, and not a hub id (owner/name)")
+
+
+@contextmanager
+def _library_progress(enabled: bool):
+    """Hide transformers' and diffusers' own loading bars when no progress is wanted."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+    libraries = [m for m in (transformers_logging, diffusers_logging) if m.is_progress_bar_enabled()]
+    if not enabled:
+        for m in libraries:
+            m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m in libraries:
+            m.enable_progress_bar()
 
 
 def _fetch_model_index(repo_id: str) -> None:
@@ -71,7 +94,7 @@ def _fetch_model_index(repo_id: str) -> None:
         hf_hub_download(repo_id, "model_index.json")
     except Exception as e:  # huggingface_hub raises many unrelated types (network, auth, not found)
         raise ExportError(f"{repo_id}: could not fetch model_index.json from the Hugging Face Hub "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the id "
+                          f"({_first_line(e)}); check the id "
                           "and the network, or download the model and pass its folder") from None
 
 
@@ -87,7 +110,7 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
             tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs),
             scheduler_config=_clean(scheduler_config))
     except LOAD_ERRORS as e:
-        raise ExportError(f"{name}: could not load a Stable Diffusion component ({e}); "
+        raise ExportError(f"{name}: could not load a Stable Diffusion component ({_first_line(e)}); "
                           "check that it is a complete diffusers model") from None
 
 
@@ -99,13 +122,19 @@ def _from_single_file(path: Path, config: str | None) -> Source:
             local_files_only=config is not None and Path(config).is_dir(), **kwargs)
     except LOAD_ERRORS as e:
         hint = (f"check that {config} is a diffusers folder of the same architecture" if config else
-                "pass --config with a local diffusers folder of the same architecture (e.g. a downloaded "
-                "stable-diffusion-v1-5) so no config has to be fetched from the hub")
-        raise ExportError(f"{path}: could not load the single-file checkpoint "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
+                "give a local diffusers folder of the same architecture (e.g. a downloaded "
+                "stable-diffusion-v1-5) as the export config (--config DIR, ExportOptions.config) "
+                "so no config has to be fetched from the hub")
+        raise ExportError(f"{path}: could not load the single-file checkpoint ({_first_line(e)}); "
+                          + hint) from None
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-    return Source(name=str(path), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
+    return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                   tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _clean(config: dict) -> dict:
@@ -122,5 +151,7 @@ def _checked(source: Source) -> Source:
                           f"addition_embed_type={unet.get('addition_embed_type')}); sdrt exports "
                           "Stable Diffusion 1.x/2.x models (4-channel or 9-channel inpainting)")
     for model in (source.text_encoder, source.unet, source.vae):
-        model.to(torch.float32).eval().requires_grad_(False)
+        if model.dtype != torch.float32:
+            model.to(torch.float32)
+        model.eval().requires_grad_(False)
     return source

@@ -1,0 +1,30 @@
+"""Write a random-weight Stable Diffusion model (diffusers format) of a named architecture.
+
+    python scripts/make_random_model.py /tmp/sd15-random --arch sd15
+    sdrt export /tmp/sd15-random /tmp/sd15-export
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from sdrt.exporters.random_model import ARCHITECTURES, build_random_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder to write")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--inpaint", action="store_true", help="9-channel inpainting UNet")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_random_model(args.out, args.arch, inpaint=args.inpaint, prediction_type=args.prediction_type,
+                       seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""torch -> ONNX for each component spec, and the ONNX Runtime-vs-torch parity check that follows it.
+
+Each component is a small ``nn.Module`` whose ``forward`` takes the spec's inputs in order and returns its
+outputs in order, so tracing, dynamic axes and the parity check all read names from ``sdrt.specs``.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import ExportError, ParityError
+from ..specs import CLIP_LENGTH, SPECS, VAE_FACTOR, ComponentSpec, half
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_OVER = 2**31 - 2**26      # protobuf's 2 GiB limit, less headroom for the graph itself
+TIME_PROJ_NODES = "/unet/time_proj/"     # the sinusoidal timestep embedding: kept fp32 in fp16 graphs
+
+
+class TextEncoder(nn.Module):
+    """input_ids -> last_hidden_state, pooler_output, final_layer_norm of every hidden state (CLIP skip)."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.clip = source.text_encoder
+
+    def forward(self, input_ids):
+        out = self.clip(input_ids, output_hidden_states=True)
+        norm = getattr(self.clip, "text_model", self.clip).final_layer_norm   # transformers 4.x nests it
+        hidden_states = torch.stack([norm(h) for h in out.hidden_states])
+        return out.last_hidden_state, out.pooler_output, hidden_states
+
+
+class Unet(nn.Module):
+    """sample, timestep (B,), encoder_hidden_states -> out_sample (4- or 9-channel input alike)."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.unet = source.unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoder(nn.Module):
+    """Image in [-1, 1] -> the diagonal Gaussian's parameters (mean ⊕ logvar), unscaled."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.vae
+
+    def forward(self, sample):
+        h = self.vae.encoder(sample)
+        return h if self.vae.quant_conv is None else self.vae.quant_conv(h)
+
+
+class VaeDecoder(nn.Module):
+    """Latents (already divided by the scaling factor by the pipeline) -> image in about [-1, 1]."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.vae
+
+    def forward(self, latent_sample):
+        z = latent_sample if self.vae.post_quant_conv is None else self.vae.post_quant_conv(latent_sample)
+        return self.vae.decoder(z)
+
+
+WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Unet,
+                                        "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
+
+
+def dims(source: Source, stage: str) -> dict[str, int]:
+    """Values of the spec symbols: ``trace`` (batch 1, square) or ``check`` (batch 2, other size, 2 chunks).
+
+    The latent sizes are deliberately NOT multiples of the UNet's downsampling: diffusers then passes
+    explicit upsample sizes, so the traced graph serves every multiple of 8 px, as A1111 allows.
+    """
+    unet, text = source.unet.config, source.text_encoder.config
+    step = VAE_FACTOR * 2 ** (len(unet.block_out_channels) - 1)
+    fixed = dict(D=text.hidden_size, L=text.num_hidden_layers + 1, C=source.vae.config.latent_channels,
+                 CI=unet.in_channels, V=text.vocab_size)
+    if stage == "trace":
+        return dict(fixed, B=1, H=2 * step + VAE_FACTOR, W=2 * step + VAE_FACTOR, S=CLIP_LENGTH)
+    return dict(fixed, B=2, H=3 * step + VAE_FACTOR, W=2 * step, S=CLIP_LENGTH)
+
+
+def check_dims(source: Source, name: str) -> dict[str, int]:
+    """Parity-check sizes; the UNet also sees a two-chunk (154-token) prompt to exercise dynamic S."""
+    d = dims(source, "check")
+    return dict(d, S=2 * CLIP_LENGTH) if name == "unet" else d
+
+
+def export_component(source: Source, name: str, folder: Path, *, opset: int = 17, fp16: bool = False,
+                     check_parity: bool = True) -> tuple[list[Path], dict[str, float]]:
+    """Export component ``name`` of ``source`` to ``folder/<name>.onnx`` and check it against torch.
+
+    Returns the files written (graph, plus external data when large) and the max diff of every output.
+    """
+    spec = SPECS[name]
+    module = WRAPPERS[name](source).eval()
+    path = folder / f"{name}.onnx"
+    rng = np.random.default_rng(0)
+    files = export_onnx(module, spec, path, spec.sample(rng, **dims(source, "trace")), opset, fp16)
+    diffs = {}
+    if check_parity:
+        feeds = spec.sample(rng, **check_dims(source, name))
+        if "input_ids" in feeds:            # an EOS somewhere in each row, as tokenized prompts have
+            ids = feeds["input_ids"]
+            ids[np.arange(len(ids)), rng.integers(1, ids.shape[1], len(ids))] = source.tokenizer.eos_token_id
+        diffs = parity(module, half(spec) if fp16 else spec, path, feeds)
+        log.info("%s parity: %s", name, ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
+    return files, diffs
+
+
+def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray],
+                opset: int, fp16: bool) -> list[Path]:
+    """Trace ``module`` on ``feeds`` into ``path`` (TorchScript exporter); returns the files written."""
+    scratch = path.with_name(f".{path.stem}.trace")
+    scratch.mkdir()
+    traced = scratch / "model.onnx"
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # TracerWarnings on shape asserts; TorchScript exporter deprecated
+        torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=opset,
+                          input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs],
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+    model = to_fp16(traced) if fp16 else onnx.load(str(traced))
+    files = save(model, path)
+    shutil.rmtree(scratch)
+    return files
+
+
+def to_fp16(path: Path) -> onnx.ModelProto:
+    """float16 weights and I/O (``specs.half``). ONNX Runtime's CPU EP runs ops it has no fp16 kernel
+    for in fp32 (it inserts the Casts itself when loading).
+
+    The sinusoidal timestep embedding stays fp32 (diffusers computes it in fp32 in fp16 pipelines too):
+    sin/cos of t·freq with t up to 999 would be off by up to 0.5 rad in fp16.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    graph = onnx.load(str(path), load_external_data=False).graph
+    keep = [n.name for n in graph.node if n.name.startswith(TIME_PROJ_NODES)]
+    return convert_float_to_float16(str(path), keep_io_types=["timestep"], node_block_list=keep)
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save ``model``; weights go to ``<name>_data`` next to it when the file would pass protobuf's 2 GiB."""
+    if _tensor_bytes(model) < EXTERNAL_DATA_OVER:
+        onnx.save_model(model, str(path))
+        return [path]
+    data = path.with_name(path.name + "_data")
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)             # onnx 1.23 creates it 0600, unlike the graph
+    return [path, data]
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    constants = (a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return sum(len(t.raw_data) for t in (*model.graph.initializer, *constants))
+
+
+def parity(module: nn.Module, spec: ComponentSpec, path: Path,
+           feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Run torch and ONNX Runtime (CPU) on ``feeds``; raise ParityError listing every output over tolerance.
+
+    An output passes when |onnx - torch| <= atol + atol·|torch| everywhere (np.isclose with rtol = atol).
+    Returns the max absolute diff of every output.
+    """
+    feeds = {t.name: feeds[t.name].astype(t.dtype) for t in spec.inputs}    # fp16 specs round the inputs
+    expected = run_torch(module, spec, feeds)
+    actual = run_onnx(path, feeds)
+    failures, diffs = [], {}
+    for t in spec.outputs:
+        e, a = expected[t.name], actual[t.name].astype(np.float32)
+        if a.shape != e.shape:
+            failures.append(f"{t.name}: shape {a.shape}, torch gives {e.shape}")
+            continue
+        diff = np.abs(a - e)
+        diffs[t.name] = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("nan")
+        bad = ~(diff <= spec.atol * (1 + np.abs(e)))                       # NaN counts as bad
+        if bad.any():
+            failures.append(f"{t.name}: max diff {np.nanmax(diff):.3g} > atol {spec.atol:g} "
+                            f"({bad.sum()} of {bad.size} values, {np.isnan(a).sum()} NaN)")
+    if failures:
+        raise ParityError(spec.name, failures)
+    return diffs
+
+
+def run_torch(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fp32 torch reference on ``feeds`` (fp16 feeds are widened, so both sides see the same values)."""
+    args = [torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 else v) for v in feeds.values()]
+    with torch.no_grad():
+        out = module(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    return {t.name: o.float().numpy() for t, o in zip(spec.outputs, out)}
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
+        raise ExportError(f"{path.name}: ONNX Runtime cannot load the exported graph ({e}); "
+                          "try another --opset or report the model") from None
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
