@@ -40,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
     e.set_defaults(run=_export)
 
+    b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR), cached in OUT/cache/")
+    b.add_argument("model", type=Path, help="an exported folder")
+    b.add_argument("--backend", required=True, help="openvino (onnxruntime runs the ONNX files as they are)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: the export's own")
+    b.add_argument("--static", type=_size, metavar="WIDTHxHEIGHT",
+                   help="fix every input shape for this image size (default: dynamic shapes)")
+    b.add_argument("--batch", type=int, help="images per request of a --static build (default 1)")
+    b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU")
+    b.set_defaults(run=_build)
+
     g = sub.add_parser("generate", help="txt2img, img2img (--init-image) or inpainting (--init-image --mask)")
     g.add_argument("model", type=Path, help="an exported folder")
     g.add_argument("--prompt", required=True)
@@ -61,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", default="auto")
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU)")
     g.add_argument("--output", type=Path, required=True, help="PNG path; batch image i > 0 gets a -i suffix")
     g.set_defaults(run=_generate)
 
@@ -81,6 +92,24 @@ def _export(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """argparse type for WIDTHxHEIGHT."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, not {text!r}") from None
+    return width, height
+
+
+def _build(args) -> int:
+    from .runtimes import BuildOptions, build
+    options = BuildOptions(backend=args.backend, precision=args.precision, static=args.static, batch=args.batch,
+                           device=args.device)
+    entry = build(args.model, options)
+    print(f"built {args.model} for {args.backend} -> {entry}")
+    return 0
+
+
 def _generate(args) -> int:
     import numpy as np
 
@@ -88,7 +117,8 @@ def _generate(args) -> int:
     from .pipelines.images import open_image
     if args.mask and not args.init_image:
         raise InvalidRequest("--mask needs --init-image (the picture to inpaint)")
-    pipe = load(args.model, runtime=args.runtime, precision=args.precision, threads=args.threads)
+    device = {"device": args.device} if args.device else {}
+    pipe = load(args.model, runtime=args.runtime, precision=args.precision, threads=args.threads, **device)
     kw = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
               sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
               rng=args.rng)
@@ -119,10 +149,12 @@ def _outputs(path: Path, n: int) -> list[Path]:
 
 
 def _demo(args) -> int:
-    """Build a tiny random-weight SD model, export it, run txt2img and img2img, print the timings."""
-    from . import load
+    """Build a tiny random-weight SD model, export it, build it for the runtime, run txt2img and img2img, time it."""
+    from . import load, runtimes
     from .exporters import ExportOptions, export
     from .exporters.random_model import build_random_model
+    backend = runtimes.pick("auto")
+    name = backend.__name__.rsplit(".", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="sdrt-demo-") as tmp:
         root = args.out or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -131,17 +163,20 @@ def _demo(args) -> int:
         t1 = time.perf_counter()
         export(str(source), root / "export", ExportOptions(overwrite=True))
         t2 = time.perf_counter()
-        pipe = load(root / "export")
+        if hasattr(backend, "build"):                   # OpenVINO: ONNX -> IR, compiled into its model cache
+            runtimes.build(root / "export", runtimes.BuildOptions(backend=name))
         t3 = time.perf_counter()
+        pipe = load(root / "export", runtime=name)
+        t4 = time.perf_counter()
         result = pipe.txt2img("a photograph of an astronaut riding a horse", width=args.size,
                               height=args.size, steps=args.steps, seed=1, sampler="DPM++ 2M Karras")
         again = pipe.img2img(result[0], "a watercolor painting", strength=0.6, steps=args.steps, seed=2)
         png = Path(args.out or ".") / "sdrt-demo.png"
         result.save(png)
         print(f"sdrt demo: tiny random-weight SD model, {args.size}x{args.size}, {args.steps} steps, "
-              f"DPM++ 2M Karras, CFG 7.5, ONNX Runtime CPU")
+              f"DPM++ 2M Karras, CFG 7.5, {name} CPU")
         print(f"  build random model  {t1 - t0:7.2f} s\n  export + parity     {t2 - t1:7.2f} s\n"
-              f"  load                {t3 - t2:7.2f} s")
+              f"  {'build ' + name:<20}{t3 - t2:7.2f} s\n  load                {t4 - t3:7.2f} s")
         for label, r in (("txt2img", result), ("img2img", again)):
             parts = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.timings.items() if k != "total")
             print(f"  {label:<18}  {r.timings['total']:7.2f} s   ({parts})")

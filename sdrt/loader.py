@@ -1,6 +1,7 @@
 """``sdrt.load``: an exported folder -> a ready pipeline on the chosen runtime."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -21,12 +22,14 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
 
     Args:
         folder: the exported folder (holds ``sdrt.json``).
-        runtime: ``auto`` (best installed) or a backend name, e.g. ``onnxruntime``.
-        precision: which build to run (``fp32``/``fp16``); None takes the one present.
+        runtime: ``auto`` (best installed: OpenVINO, then ONNX Runtime) or a backend name, e.g. ``openvino``.
+        precision: which build to run (``fp32``/``fp16``); None takes the one present (for OpenVINO: the
+            newest ``sdrt build``, else the exported ONNX).
         threads: intra-op threads for the runtime; 0 lets it decide.
         progress: show a progress bar over the denoising steps on a terminal.
         verify: check every file against the sha256 in the manifest (memoised per file).
-        backend_options: passed to the backend's ``load`` (e.g. ``providers=`` for ONNX Runtime).
+        backend_options: passed to the backend's ``load`` (``providers=`` for ONNX Runtime, ``device=`` for
+            OpenVINO).
     """
     folder = Path(folder)
     manifest = mf.read(folder, verify=verify)
@@ -34,11 +37,17 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
     missing = [c for c in REQUIRED if c not in manifest.components]
     if missing:
         raise ModelFolderError(f"{folder}: the export lacks {missing}; re-export the model")
-    precisions = {c.precision for c in manifest.components.values()}
+    # a backend with a build step (OpenVINO IR, TensorRT engines) names its newest build's files
+    locate = getattr(backend, "artifacts", None)
+    components = locate(folder, manifest, precision) if locate else manifest.components
+    precisions = {c.precision for c in components.values()}
     if precision is not None and precision not in precisions:
         raise InvalidRequest(f"{folder} has no {precision} build; it holds {sorted(precisions)}")
+    unknown = set(backend_options) - set(inspect.signature(backend.load).parameters)
+    if unknown:
+        raise InvalidRequest(f"runtime {backend.__name__.rsplit('.', 1)[-1]} takes no {sorted(unknown)} option")
     loaded = {}
-    for name, comp in manifest.components.items():
+    for name, comp in components.items():
         spec = SPECS[comp.spec] if comp.precision != "fp16" else half(SPECS[comp.spec])
         loaded[name] = Timed(backend.load(folder / comp.file, spec, threads=threads, **backend_options))
     arch = manifest.architecture

@@ -128,3 +128,16 @@ def test_run_path_is_torch_free(tiny_export, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok 1"
     assert (tmp_path / "free.png").exists()
+
+
+def test_fp16_export_generates_close_to_fp32(tiny_model_dir, tiny_export, tmp_path):
+    from sdrt.exporters import ExportOptions, export
+    export(str(tiny_model_dir), tmp_path / "fp16", ExportOptions(fp16=True), progress=False)
+    with pytest.raises(InvalidRequest, match="no fp32 build"):
+        sdrt.load(tmp_path / "fp16", precision="fp32")
+    kw = dict(width=64, height=64, steps=8, seed=3, sampler="DPM++ 2M", negative_prompt="blurry")
+    half = np.asarray(sdrt.load(tmp_path / "fp16", precision="fp16", progress=False).txt2img("a cat", **kw)[0],
+                      dtype=np.int16)
+    full = np.asarray(sdrt.load(tiny_export, progress=False).txt2img("a cat", **kw)[0], dtype=np.int16)
+    diff = np.abs(half - full)
+    assert diff.mean() < 2.0 and diff.max() <= 24, (diff.mean(), diff.max())

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
+from ..specs import VAE_FACTOR
 from . import images, samplers, schedules
 from .denoisers import Denoise, ModelDenoiser, guided, masked
 from .rng import make_generator
@@ -75,6 +76,8 @@ class Request:
     strength: float = 1.0
 
     def check(self, vae_factor: int) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise InvalidRequest("prompt and negative_prompt must be strings")
         if self.width % vae_factor or self.height % vae_factor or self.width < 8 or self.height < 8:
             raise InvalidRequest(f"width and height have to be positive multiples of {vae_factor} "
                                  f"but are {self.width} and {self.height}")
@@ -101,6 +104,7 @@ class StableDiffusion:
     def __init__(self, models: Models, progress: bool = True):
         self.models = models
         self.progress = progress
+        self.factor = models.arch.get("vae_factor", VAE_FACTOR)        # pixels per latent cell
         alphas = schedules.alphas_cumprod(models.scheduler_config)
         self.log_sigmas = np.log(np.sqrt((1.0 - alphas) / alphas))
 
@@ -138,7 +142,7 @@ class StableDiffusion:
         noise = self._noise(req, gens)
         x = noise * plan.init_sigma if full else x0 + plan.sigmas[0] * noise
         masked_latents = self._encode(pixels * (mask < 0.5), gens)
-        m = mask[:, :, ::8, ::8]                       # nearest-neighbour downscale, as torch's interpolate
+        m = mask[:, :, ::self.factor, ::self.factor]   # nearest-neighbour downscale, as torch's interpolate
         if nine:
             return Start(x, concat=np.concatenate([np.repeat(m, len(x), 0), masked_latents], axis=1))
         return Start(x, wrap=lambda d: masked(d, m, x0, noise, float(plan.sigmas[0])),
@@ -151,7 +155,7 @@ class StableDiffusion:
             req = Request(prompt, **kwargs)
         except TypeError as e:
             raise InvalidRequest(str(e)) from None
-        req.check(self.models.arch.get("vae_factor", 8))
+        req.check(self.factor)
         if req.seed is None or req.seed == -1:
             req = replace(req, seed=random.randrange(MAX_SEED))
         return req
@@ -189,7 +193,8 @@ class StableDiffusion:
 
     def _noise(self, req: Request, gens) -> np.ndarray:
         """Initial noise: ``req.latents`` when given, else one draw per image from its own generator."""
-        shape = (req.batch_size, self.models.arch["latent_channels"], req.height // 8, req.width // 8)
+        shape = (req.batch_size, self.models.arch["latent_channels"], req.height // self.factor,
+                 req.width // self.factor)
         if req.latents is None:
             return _draw(gens, shape)
         latents = np.asarray(req.latents, dtype=np.float32)

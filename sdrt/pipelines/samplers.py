@@ -84,18 +84,22 @@ def sample_heun(denoise, x, sigmas, callback=None):
     return x
 
 
+def _dpm_2_step(denoise, x, d, sigma, sigma_to):
+    """One DPM-Solver-2 step from sigma to sigma_to, with the slope taken at their log-midpoint."""
+    sigma_mid = log_midpoint(sigma, sigma_to)
+    x_2 = x + d * (sigma_mid - sigma)
+    return x + _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid)) * (sigma_to - sigma)
+
+
 def sample_dpm_2(denoise, x, sigmas, callback=None):
-    """DPM-Solver-2 in sigma (Lu et al. 2022 as kd's sample_dpm_2): slope at the log-midpoint."""
+    """DPM-Solver-2 in sigma (Lu et al. 2022 as kd's sample_dpm_2); Euler for the step to sigma = 0."""
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
         d = _to_d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x - d * sigmas[i]
         else:
-            sigma_mid = log_midpoint(sigmas[i], sigmas[i + 1])
-            x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid))
-            x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+            x = _dpm_2_step(denoise, x, d, sigmas[i], sigmas[i + 1])
         _report(callback, i, x, denoised)
     return x
 
@@ -109,10 +113,7 @@ def sample_dpm_2_ancestral(denoise, x, sigmas, noise, callback=None):
         if sigma_down == 0:
             x = x - d * sigmas[i]
         else:
-            sigma_mid = log_midpoint(sigmas[i], sigma_down)
-            x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid))
-            x = x + d_2 * (sigma_down - sigmas[i]) + noise() * sigma_up
+            x = _dpm_2_step(denoise, x, d, sigmas[i], sigma_down) + noise() * sigma_up
         _report(callback, i, x, denoised)
     return x
 

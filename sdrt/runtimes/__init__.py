@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InvalidRequest
 from .base import Runtime, check_feeds
+from .builds import BuildOptions
 
-# Preference of runtime="auto", best first. Later issues add "tensorrt" and "openvino" modules.
-BACKENDS = ("onnxruntime",)
+# Preference of runtime="auto", best first (DESIGN §4: TensorRT > OpenVINO > ONNX Runtime). On a CPU,
+# OpenVINO is the faster of the two; a later issue adds "tensorrt" in front.
+BACKENDS = ("openvino", "onnxruntime")
 
 
 def backend(name: str):
@@ -32,4 +35,16 @@ def pick(name: str = "auto"):
     raise BackendUnavailable("no runtime installed; `pip install sdrt[onnxruntime]` (or sdrt[openvino])")
 
 
-__all__ = ["Runtime", "check_feeds", "backend", "pick", "BACKENDS"]
+def build(folder: str | Path, options: BuildOptions = BuildOptions(), progress: bool = True) -> Path:
+    """Build an export for ``options.backend`` into ``folder/cache/<backend>/<key>/``; returns that entry.
+
+    A build with the same options, sources and backend version is reused, not rebuilt.
+    """
+    module = pick(options.backend)
+    if not hasattr(module, "build"):
+        raise InvalidRequest(f"runtime {options.backend!r} has nothing to build: it runs the exported ONNX "
+                             "files as they are; `sdrt generate` them directly")
+    return module.build(folder, options, progress=progress)
+
+
+__all__ = ["Runtime", "check_feeds", "backend", "pick", "build", "BuildOptions", "BACKENDS"]

@@ -1,0 +1,137 @@
+"""Built artifacts in ``OUT/cache/<backend>/<key>/`` (DESIGN §2): build options, keys, atomic entries, lookup.
+
+A builder writes an entry's files into a temporary folder; :func:`commit` writes ``build.json`` (the options,
+the sha256 of every file, the backend version) last and renames the folder into place, so a killed build
+never leaves an entry that :func:`newest` or :func:`find` would return. An entry whose ``build.json`` is
+missing or whose files fail their sha256 is removed when met, never loaded. Shared by every backend that builds (OpenVINO IR today, TensorRT engines later).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import InvalidRequest, ModelFolderError
+from ..manifest import Manifest, sha256, verify_files
+from ..specs import CLIP_LENGTH, VAE_FACTOR, ComponentSpec
+
+log = logging.getLogger(__name__)
+
+RECORD = "build.json"
+
+# The batch each component sees when the pipeline serves `n` images with classifier-free guidance
+# (pipelines/pipeline.py): the prompts [negative, positive] are encoded once as a batch of 2 and repeated,
+# the UNet runs [uncond; cond] (2n), the VAE encodes the one init image and decodes image by image.
+STATIC_BATCH: dict[str, Callable[[int], int]] = {
+    "text_encoder": lambda n: 2, "unet": lambda n: 2 * n, "vae_encoder": lambda n: 1, "vae_decoder": lambda n: 1}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What ``sdrt build`` builds. ``static`` fixes every input shape, for ``batch`` images of that size."""
+    backend: str = "openvino"
+    precision: str | None = None                # None: the export's own precision
+    static: tuple[int, int] | None = None       # (width, height) in pixels; None keeps dynamic shapes
+    batch: int | None = None                    # images per request; only with ``static`` (default 1)
+    device: str = "CPU"
+
+    def check(self, factor: int = VAE_FACTOR) -> None:
+        if self.static is not None:
+            width, height = self.static
+            if width < factor or height < factor or width % factor or height % factor:
+                raise InvalidRequest(f"--static {width}x{height}: width and height have to be positive "
+                                     f"multiples of {factor}")
+        elif self.batch is not None:
+            raise InvalidRequest("--batch only applies to a static build; add --static WIDTHxHEIGHT")
+        if self.batch is not None and self.batch < 1:
+            raise InvalidRequest(f"--batch must be >= 1, not {self.batch}")
+
+
+def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batch: int) -> dict[str, tuple]:
+    """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height."""
+    dims = dict(B=STATIC_BATCH[spec.name](batch), H=height, W=width, S=arch.get("model_max_length", CLIP_LENGTH),
+                D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"])
+    return {t.name: t.resolve(dims) for t in spec.inputs}
+
+
+def sources(manifest: Manifest) -> dict[str, str]:
+    """sha256 of every exported graph (and its external data) a build is made from."""
+    return {rel: manifest.files[rel] for c in manifest.components.values()
+            for rel in (c.file, c.file + "_data") if rel in manifest.files}
+
+
+def entry_key(source_hashes: dict[str, str], options: dict, version: str) -> str:
+    blob = json.dumps({"sources": source_hashes, "options": options, "version": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find(folder: Path, entry: Path) -> dict | None:
+    """The record of an intact entry; a broken one (no record, a file failing sha256) is removed."""
+    try:
+        record = json.loads((entry / RECORD).read_text())
+        verify_files(folder, {str((entry / f).relative_to(folder)): h for f, h in record["files"].items()})
+        return record
+    except FileNotFoundError:
+        if not entry.exists():
+            return None
+        problem = "no build record"
+    except (ModelFolderError, ValueError, KeyError, TypeError) as e:
+        problem = str(e)
+    log.warning("removing the broken build %s (%s); it will be rebuilt", entry, problem)
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def newest(folder: Path, root: Path, match: Callable[[dict], bool]) -> tuple[Path, dict] | None:
+    """The most recently built (or reused) intact entry under ``root`` whose record satisfies ``match``."""
+    entries = [p for p in root.glob("*/") if len(p.name) == 16 and not p.name.startswith(".")] if root.is_dir() else []
+    for entry in sorted(entries, key=_built_at, reverse=True):
+        record = find(folder, entry)
+        if record is not None and match(record):
+            return entry, record
+    return None
+
+
+def _built_at(entry: Path) -> int:
+    try:
+        return (entry / RECORD).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def touch(entry: Path) -> None:
+    """Mark a reused entry as the newest, so ``sdrt build`` decides what the next load runs."""
+    try:
+        os.utime(entry / RECORD)
+    except OSError:                 # read-only cache: the entry is still valid
+        pass
+
+
+@contextmanager
+def staging(root: Path, key: str) -> Iterator[Path]:
+    """A temporary folder beside the final entry (same filesystem, so the rename is atomic)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # already renamed away on success
+
+
+def commit(tmp: Path, entry: Path, record: dict) -> None:
+    """Hash every file of ``tmp``, write the record last, then rename ``tmp`` to ``entry``."""
+    record = {**record, "files": {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
+    (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    try:
+        tmp.rename(entry)
+    except OSError:                 # a concurrent build of the same key finished first: keep that one
+        if not (entry / RECORD).is_file():
+            raise
