@@ -3,7 +3,8 @@
 A builder writes an entry's files into a temporary folder; :func:`commit` writes ``build.json`` (the options,
 the sha256 of every file, the backend version) last and renames the folder into place, so a killed build
 never leaves an entry that :func:`newest` or :func:`find` would return. An entry whose ``build.json`` is
-missing or whose files fail their sha256 is removed when met, never loaded. Shared by every backend that builds (OpenVINO IR today, TensorRT engines later).
+missing or whose files fail their sha256 is removed when met, never loaded. Shared by every backend that
+builds (OpenVINO IR today, TensorRT engines later).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def find(folder: Path, entry: Path) -> dict | None:
 
 def newest(folder: Path, root: Path, match: Callable[[dict], bool]) -> tuple[Path, dict] | None:
     """The most recently built (or reused) intact entry under ``root`` whose record satisfies ``match``."""
-    entries = [p for p in root.glob("*/") if len(p.name) == 16 and not p.name.startswith(".")] if root.is_dir() else []
+    entries = [p for p in root.iterdir() if p.is_dir() and len(p.name) == 16] if root.is_dir() else []
     for entry in sorted(entries, key=_built_at, reverse=True):
         record = find(folder, entry)
         if record is not None and match(record):
@@ -117,9 +118,12 @@ def touch(entry: Path) -> None:
 @contextmanager
 def staging(root: Path, key: str) -> Iterator[Path]:
     """A temporary folder beside the final entry (same filesystem, so the rename is atomic)."""
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ModelFolderError(f"{root}: cannot write a build there ({e.strerror}); make the folder writable "
+                               "or build a writable copy of the export") from None
     try:
         yield tmp
     finally:

@@ -74,7 +74,7 @@ class OvRuntime:
         except RuntimeError as e:
             raise BackendUnavailable(f"{spec.name}: OpenVINO cannot compile {path.name} for {device}: "
                                      f"{str(e).strip().splitlines()[0]}") from None
-        self.spec, self.device = spec, device
+        self.spec, self.path, self.device = spec, path, device
         self.request = self.compiled.create_infer_request()
         self.loaded_from_cache = _loaded_from_cache(self.compiled)
         self._inputs = {}                               # name -> (dtype, static shape or None)
