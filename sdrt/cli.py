@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -48,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="fix every input shape for this image size (default: dynamic shapes)")
     b.add_argument("--batch", type=int, help="images per request of a --static build (default 1)")
     b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU")
+    q = b.add_argument_group("int8 (--precision int8: NNCF, calibrated by running the fp32 pipeline)")
+    q.add_argument("--calibration-prompts", type=Path, metavar="FILE",
+                   help="prompts to calibrate on, one per line (default: sdrt's own set of 32)")
+    q.add_argument("--calibration-size", type=int, metavar="N", help="how many prompts (default 32)")
+    q.add_argument("--calibration-steps", type=int, metavar="N", help="sampler steps per prompt (default 10)")
+    q.add_argument("--calibration-resolution", type=_size, metavar="WIDTHxHEIGHT",
+                   help="image size to calibrate at (default: --static, else the model's native size)")
+    q.add_argument("--min-cosine", type=float, default=0.95, help="warn below this latent cosine vs fp32")
+    q.add_argument("--min-psnr", type=float, default=20.0, help="warn below this image PSNR (dB) vs fp32")
     b.set_defaults(run=_build)
 
     g = sub.add_parser("generate", help="txt2img, img2img (--init-image) or inpainting (--init-image --mask)")
@@ -104,9 +114,16 @@ def _size(text: str) -> tuple[int, int]:
 def _build(args) -> int:
     from .runtimes import BuildOptions, build
     options = BuildOptions(backend=args.backend, precision=args.precision, static=args.static, batch=args.batch,
-                           device=args.device)
-    entry = build(args.model, options)
+                           device=args.device, calibration_prompts=args.calibration_prompts,
+                           calibration_size=args.calibration_size, calibration_steps=args.calibration_steps,
+                           calibration_resolution=args.calibration_resolution, min_cosine=args.min_cosine,
+                           min_psnr=args.min_psnr)
+    entry = build(args.model, options)      # an int8 build below the thresholds logs a WARNING line
     print(f"built {args.model} for {args.backend} -> {entry}")
+    record = json.loads((entry / "build.json").read_text())
+    if "quality" in record:
+        from .quantize.openvino import describe
+        print(describe(record["quality"]))
     return 0
 
 

@@ -23,8 +23,8 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
     Args:
         folder: the exported folder (holds ``sdrt.json``).
         runtime: ``auto`` (best installed: OpenVINO, then ONNX Runtime) or a backend name, e.g. ``openvino``.
-        precision: which build to run (``fp32``/``fp16``); None takes the one present (for OpenVINO: the
-            newest ``sdrt build``, else the exported ONNX).
+        precision: which build to run (``fp32``/``fp16``/``int8``); None takes the export's own precision when
+            built, else the one present (for OpenVINO: the newest ``sdrt build``, else the exported ONNX).
         threads: intra-op threads for the runtime; 0 lets it decide.
         progress: show a progress bar over the denoising steps on a terminal.
         verify: check every file against the sha256 in the manifest (memoised per file).
@@ -43,6 +43,13 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
     precisions = {c.precision for c in components.values()}
     if precision is not None and precision not in precisions:
         raise InvalidRequest(f"{folder} has no {precision} build; it holds {sorted(precisions)}")
+    return assemble(folder, manifest, backend, components, threads, progress, **backend_options)
+
+
+def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str, mf.Component], threads: int = 0,
+             progress: bool = True, **backend_options) -> StableDiffusion:
+    """A pipeline over exactly ``components`` run by ``backend`` (used by ``load`` and by the int8 builder,
+    which compares the exported fp32 graphs with a build that is not committed yet)."""
     unknown = set(backend_options) - set(inspect.signature(backend.load).parameters)
     if unknown:
         raise InvalidRequest(f"runtime {backend.__name__.rsplit('.', 1)[-1]} takes no {sorted(unknown)} option")

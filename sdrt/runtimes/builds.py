@@ -42,8 +42,19 @@ class BuildOptions:
     static: tuple[int, int] | None = None       # (width, height) in pixels; None keeps dynamic shapes
     batch: int | None = None                    # images per request; only with ``static`` (default 1)
     device: str = "CPU"
+    # --precision int8 only (None: the defaults of sdrt.quantize.calibration.CalibrationOptions)
+    calibration_prompts: Path | None = None     # prompt file, one per line; None: sdrt's own prompt set
+    calibration_size: int | None = None         # prompts to calibrate on
+    calibration_steps: int | None = None        # sampler steps per prompt
+    calibration_resolution: tuple[int, int] | None = None   # (width, height); default: static, else native
+    min_cosine: float = 0.95                    # below these, the int8 quality report warns
+    min_psnr: float = 20.0
 
     def check(self, factor: int = VAE_FACTOR) -> None:
+        calibration = (self.calibration_prompts, self.calibration_size, self.calibration_steps,
+                       self.calibration_resolution)
+        if self.precision != "int8" and any(v is not None for v in calibration):
+            raise InvalidRequest("the --calibration-* options only apply to --precision int8")
         if self.static is not None:
             width, height = self.static
             if width < factor or height < factor or width % factor or height % factor:

@@ -144,11 +144,17 @@ def _loaded_from_cache(compiled) -> bool:
 # -- built artifacts ------------------------------------------------------------------------------------
 
 def artifacts(folder: Path, manifest: mf.Manifest, precision: str | None = None) -> dict[str, mf.Component]:
-    """The components of the newest intact build of this export (at ``precision`` when given) made with this
-    OpenVINO version; without one, the exported ONNX files (OpenVINO reads ONNX; shapes stay dynamic)."""
+    """The components of the newest intact build of this export made with this OpenVINO version, at
+    ``precision``, or when None at the export's own precision, else at any; without one, the exported ONNX
+    files (OpenVINO reads ONNX; shapes stay dynamic). So an int8 build is run only when asked for by name,
+    or when it is the only build."""
     version, sources = _ov().__version__, builds.sources(manifest)
-    found = builds.newest(folder, folder / CACHE, lambda r: r.get("version") == version and
-                          r.get("sources") == sources and precision in (None, r["options"]["precision"]))
+
+    def find(want):
+        return builds.newest(folder, folder / CACHE, lambda r: r.get("version") == version and
+                             r.get("sources") == sources and want in (None, r["options"]["precision"]))
+    own = min(c.precision for c in manifest.components.values())
+    found = find(precision) if precision else (find(own) or find(None))
     if found is None:
         return manifest.components
     entry, record = found
@@ -171,23 +177,41 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     settings = {"precision": _precision(manifest, options.precision),
                 "static": list(options.static) if options.static else None,
                 "batch": (options.batch or 1) if options.static else None}
+    int8 = settings["precision"] == "int8"
+    if int8:
+        from ..quantize import openvino as quantize
+        settings["int8"] = quantize.settings(manifest, options)
     sources = builds.sources(manifest)
     entry = folder / CACHE / builds.entry_key(sources, settings, ov.__version__)
-    if builds.find(folder, entry) is None:
+    record = builds.find(folder, entry)
+    if record is None:
         with builds.staging(entry.parent, entry.name) as tmp:
             components = {}
             for name, comp in _bar(manifest.components.items(), "openvino: converting", progress):
                 _convert(ov, folder / comp.file, tmp / f"{name}.xml", SPECS[comp.spec], manifest.architecture,
                          options)
-                components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": comp.precision}
-            builds.commit(tmp, entry, {"backend": "openvino", "version": ov.__version__, "options": settings,
-                                       "sources": sources, "components": components})
+                components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": settings["precision"]}
+            record = {"backend": "openvino", "version": ov.__version__, "options": settings, "sources": sources,
+                      "components": components}
+            if int8:
+                record["quality"] = quantize.quantize_build(folder, manifest, tmp, options, progress)
+            builds.commit(tmp, entry, record)
     else:
         builds.touch(entry)
+    if int8:
+        _judge(record["quality"], options)
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
         spec = half(SPECS[comp.spec]) if comp.precision == "fp16" else SPECS[comp.spec]
         OvRuntime(entry / f"{name}.xml", spec, device=options.device)
     return entry
+
+
+def _judge(report: dict, options: builds.BuildOptions) -> None:
+    from ..quantize.openvino import describe, warning
+    log.info("openvino: %s", describe(report))
+    problem = warning(report, options.min_cosine, options.min_psnr)
+    if problem:
+        log.warning("%s", problem)
 
 
 def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, options: builds.BuildOptions):
@@ -201,11 +225,11 @@ def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, op
 
 def _precision(manifest: mf.Manifest, requested: str | None) -> str:
     own = sorted({c.precision for c in manifest.components.values()})
-    if requested is None or [requested] == own:
-        return own[0]
-    raise InvalidRequest(f"--precision {requested}: this export is {'/'.join(own)}, and OpenVINO builds at "
-                         "another precision (fp16 weights, int8) are not implemented yet; build without "
-                         "--precision, or export with --fp16 for an fp16 build")
+    if requested is None or [requested] == own or (requested == "int8" and own == ["fp32"]):
+        return requested or own[0]
+    raise InvalidRequest(f"--precision {requested}: this export is {'/'.join(own)}; OpenVINO builds keep the "
+                         "export's precision or quantize an fp32 export to int8 (fp16 weights from an fp32 "
+                         "export are not implemented yet); export with --fp16 for an fp16 build")
 
 
 def _bar(items, desc: str, enabled: bool):
