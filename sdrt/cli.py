@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--size", type=int, default=128)
     d.set_defaults(run=_demo)
+
+    from .benchmark import add_parser as add_bench      # numpy-only module; peers load in subprocesses
+    add_bench(sub)
     return p
 
 

@@ -1,0 +1,288 @@
+"""``sdrt bench``: per-component and end-to-end latency of an export on every sdrt runtime present, against
+the peers (diffusers+torch, Optimum-Intel OpenVINO dynamic and static, Optimum ONNX Runtime) on the same
+model, size, steps, sampler and seed, in the same run (DESIGN §8).
+
+    sdrt bench OUT --size 256 --steps 20 --runs 3 --threads 2 --json bench.json --chart bench.png
+
+Each measured system runs in its own process (:mod:`sdrt.benchmark.worker`), so its load time and peak RSS
+are its own and a crashing peer is reported, not fatal. A peer whose package is missing is reported as
+``not installed``; a peer installed in another environment is run with that environment's Python
+(``--peer-python optimum-intel=/path/to/venv/bin/python``). Nothing here imports torch: only the worker of a
+peer does (:mod:`sdrt.benchmark.peers`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .. import manifest as mf
+from .. import runtimes
+from ..errors import BackendUnavailable, InvalidRequest, SdrtError
+from . import report
+
+log = logging.getLogger(__name__)
+
+PEERS = ("diffusers", "optimum-intel", "optimum-intel-static", "optimum-onnxruntime")
+PRECISIONS = ("fp32", "fp16", "int8")
+ROOT = Path(__file__).resolve().parents[2]          # the folder holding the sdrt package, for peer Pythons
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``sdrt bench`` measures and where it writes the results.
+
+    ``runtimes``: sdrt runtimes to measure (empty: every installed one), each at every precision present.
+    ``size``: (width, height) in pixels. ``runs``: measured repetitions after ``warmup`` unmeasured ones.
+    ``threads``: intra-op threads for every system (0: each library's default). ``peers``: from
+    :data:`PEERS`. ``interpreters``: peer (or package family, e.g. ``optimum-intel``) -> Python executable
+    of the environment it is installed in (default: this one). ``source``: the diffusers folder the peers
+    load (default: the ``source`` recorded in the export's ``sdrt.json``). ``timeout``: seconds per system.
+    """
+    runtimes: tuple[str, ...] = ()
+    size: tuple[int, int] = (512, 512)
+    steps: int = 20
+    guidance: float = 7.5
+    batch: int = 1
+    runs: int = 3
+    warmup: int = 1
+    threads: int = 0
+    peers: tuple[str, ...] = PEERS
+    json: Path | None = None
+    markdown: Path | None = None
+    chart: Path | None = None
+    interpreters: Mapping[str, str] = field(default_factory=dict)
+    source: Path | None = None
+    seed: int = 1
+    sampler: str = "Euler a"
+    prompt: str = "a photograph of an astronaut riding a horse"
+    timeout: float | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        width, height = self.size
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise InvalidRequest(f"--size {width}x{height}: width and height have to be positive multiples of 8")
+        for name, value, low in (("steps", self.steps, 1), ("runs", self.runs, 1), ("warmup", self.warmup, 0),
+                                 ("batch", self.batch, 1), ("threads", self.threads, 0)):
+            if value < low:
+                raise InvalidRequest(f"--{name} must be >= {low}, not {value}")
+        unknown = sorted(set(self.peers) - set(PEERS))
+        if unknown:
+            raise InvalidRequest(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or none)")
+
+
+def run(folder: str | Path, options: BenchOptions = BenchOptions()) -> dict:
+    """Measure every system; write the JSON/Markdown/chart files that ``options`` names; return the results.
+
+    Returns a dict with ``settings``, ``machine``, ``systems`` (one entry per system: status, load_s,
+    components, e2e, peak_rss_bytes, versions ...), ``ratios`` and ``markdown``.
+    """
+    options.check()
+    folder = Path(folder).resolve()
+    manifest = mf.read(folder)
+    settings = _settings(folder, manifest, options)
+    jobs = _sdrt_jobs(folder, manifest, options) + _peer_jobs(folder, settings, options)
+    systems = []
+    with _bar(len(jobs), options.progress) as bar:
+        for name, spec, python in jobs:
+            bar.set_postfix_str(name)
+            systems.append(measure(name, spec, python, settings, options))
+            bar.update(1)
+    results = {"settings": settings, "machine": report.machine(), "systems": systems}
+    results["ratios"] = report.ratios(systems)
+    results["markdown"] = report.markdown(results)
+    _write(results, options)
+    return results
+
+
+def measure(name: str, spec: dict | None, python: str, settings: dict, options: BenchOptions) -> dict:
+    """One system: its worker's result, with the export step first for the Optimum peers."""
+    if spec is None or "status" in spec:                 # known before any process starts
+        return {"name": name, **(spec or {})}
+    extra = {}
+    if spec["kind"] == "peer" and spec["peer"] != "diffusers":
+        exported = _worker({**spec, "mode": "export"}, python, options.timeout)
+        if exported.get("status") != "ok":
+            return {"name": name, **exported}
+        spec = {**spec, "model_dir": exported["model_dir"]}
+        extra = {"export_s": exported["export_s"]}
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    result = _worker(spec, python, options.timeout)
+    return {"name": name, "kind": spec["kind"], **extra, **result, "wall_s": time.perf_counter() - began,
+            "loadavg_1min": [load_before, os.getloadavg()[0]]}
+
+
+def _settings(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> dict:
+    width, height = options.size
+    return {"folder": str(folder), "source": str(options.source or manifest.source), "width": width,
+            "height": height, "steps": options.steps, "guidance": options.guidance, "batch": options.batch,
+            "runs": options.runs, "warmup": options.warmup, "threads": options.threads, "seed": options.seed,
+            "sampler": options.sampler, "prompt": options.prompt,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _sdrt_jobs(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> list[tuple]:
+    """(name, spec, python) for every requested runtime at every precision it can run from this folder."""
+    names = options.runtimes or [n for n in runtimes.BACKENDS if _installed(n)]
+    if not names:
+        raise BackendUnavailable("no sdrt runtime installed; `pip install sdrt[onnxruntime]`")
+    jobs = []
+    for name in names:
+        try:
+            backend = runtimes.backend(name)
+        except BackendUnavailable as e:
+            jobs.append((f"sdrt {name}", {"kind": "sdrt", "status": "not installed", "error": str(e)}, ""))
+            continue
+        locate = getattr(backend, "artifacts", None)
+        for precision in PRECISIONS:
+            components = locate(folder, manifest, precision) if locate else manifest.components
+            if {c.precision for c in components.values()} == {precision}:
+                spec = {"kind": "sdrt", "runtime": name, "precision": precision, **_shared(options, folder)}
+                jobs.append((f"sdrt {name} {precision}", spec, sys.executable))
+    return jobs
+
+
+def _peer_jobs(folder: Path, settings: dict, options: BenchOptions) -> list[tuple]:
+    source = Path(settings["source"])
+    jobs = []
+    for peer in options.peers:
+        python = options.interpreters.get(peer) or options.interpreters.get(peer.removesuffix("-static"))
+        if not (source / "model_index.json").is_file():
+            spec = {"kind": "peer", "status": "skipped",
+                    "error": f"the source {source} is not a local diffusers folder; pass --source DIR"}
+        else:
+            spec = {"kind": "peer", "peer": peer, "source": str(source), "cache_dir": str(_peer_cache(folder)),
+                    **_shared(options, folder)}
+        jobs.append((peer, spec, python or sys.executable))
+    return jobs
+
+
+def _shared(options: BenchOptions, folder: Path) -> dict:
+    width, height = options.size
+    return {"folder": str(folder), "width": width, "height": height, "steps": options.steps,
+            "guidance": options.guidance, "batch": options.batch, "runs": options.runs, "warmup": options.warmup,
+            "threads": options.threads, "seed": options.seed, "sampler": options.sampler, "prompt": options.prompt}
+
+
+def _peer_cache(folder: Path) -> Path:
+    """Where the Optimum peers keep their one-time conversion: OUT/cache/bench, or a temp dir if read-only."""
+    cache = folder / "cache" / "bench"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return cache
+    except OSError:
+        return Path(tempfile.gettempdir()) / "sdrt-bench-peers"
+
+
+def _installed(name: str) -> bool:
+    try:
+        runtimes.backend(name)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def _worker(spec: dict, python: str, timeout: float | None) -> dict:
+    """Run one worker process; its JSON result, or a ``failed`` entry naming why (exit code, stderr tail)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.run([python, "-m", "sdrt.benchmark.worker", json.dumps(spec)], env=env,
+                                  stdout=subprocess.PIPE, stderr=err, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {timeout:g} s"}
+        except OSError as e:
+            return {"status": "failed", "error": f"cannot start {python}: {e}"}
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-20:]
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        log.warning("bench worker failed (exit %s):\n%s", proc.returncode, "\n".join(tail))
+        return {"status": "failed", "error": f"worker exited with {proc.returncode}: {tail[-1] if tail else ''}"}
+    result = json.loads(lines[-1])
+    if result.get("status") == "failed":
+        log.warning("bench %s failed:\n%s", spec.get("peer") or spec.get("runtime"), "\n".join(tail))
+    return result
+
+
+def _write(results: dict, options: BenchOptions) -> None:
+    if options.json:
+        Path(options.json).write_text(json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=2))
+    if options.markdown:
+        Path(options.markdown).write_text(results["markdown"])
+    if options.chart:
+        note = report.chart(results, Path(options.chart))
+        if note:
+            results["markdown"] += f"\n{note}\n"
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="bench", unit="system", disable=None if enabled else True, leave=False)
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    """Add the ``bench`` subcommand to ``sdrt``'s subparsers; its handler builds BenchOptions and calls run."""
+    b = subparsers.add_parser("bench", help="latency per component and end to end, against diffusers/Optimum")
+    b.add_argument("model", type=Path, help="an exported folder")
+    b.add_argument("--runtime", action="append", default=[], metavar="NAME",
+                   help="sdrt runtime to measure, repeatable (default: every installed one, every precision)")
+    b.add_argument("--size", type=_size, default=(512, 512), metavar="N|WIDTHxHEIGHT", help="default 512")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--batch", type=int, default=1, help="images per request")
+    b.add_argument("--runs", type=int, default=3, help="measured runs; the median is reported")
+    b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
+    b.add_argument("--threads", type=int, default=0, help="intra-op threads for every system (0: default)")
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}, or none")
+    b.add_argument("--peer-python", action="append", default=[], metavar="PEER=PYTHON",
+                   help="run a peer with another environment's Python, e.g. optimum-intel=/venv/bin/python")
+    b.add_argument("--source", type=Path, help="diffusers folder for the peers (default: the export's source)")
+    b.add_argument("--timeout", type=float, help="seconds allowed per system")
+    b.add_argument("--json", type=Path, help="write all raw numbers and the machine's facts here")
+    b.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    b.add_argument("--chart", type=Path, help="write a PNG bar chart here (needs matplotlib)")
+    b.set_defaults(run=_bench)
+
+
+def _bench(args) -> int:
+    peers = () if args.peers.strip().lower() in ("", "none") else tuple(p.strip() for p in args.peers.split(","))
+    pairs = [item.split("=", 1) for item in args.peer_python]
+    if any(len(p) != 2 for p in pairs):
+        raise InvalidRequest("--peer-python takes PEER=PYTHON, e.g. optimum-intel=/venv/bin/python")
+    options = BenchOptions(runtimes=tuple(r for arg in args.runtime for r in arg.split(",") if r),
+                           size=args.size, steps=args.steps, guidance=args.guidance, batch=args.batch,
+                           runs=args.runs, warmup=args.warmup, threads=args.threads, peers=peers,
+                           json=args.json, markdown=args.markdown, chart=args.chart, interpreters=dict(pairs),
+                           source=args.source, seed=args.seed, timeout=args.timeout)
+    results = run(args.model, options)
+    print(results["markdown"])
+    if not any(s.get("status") == "ok" for s in results["systems"] if s.get("kind") == "sdrt"):
+        raise SdrtError("no sdrt runtime could be measured; see the table above")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    import argparse
+    try:
+        values = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT such as 512x512, not {text!r}")
+    return (values[0], values[-1])
+
+
+__all__ = ["BenchOptions", "run", "add_parser", "PEERS"]

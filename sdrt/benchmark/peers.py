@@ -1,0 +1,247 @@
+"""The peers sdrt is compared with, measured inside a worker process (:mod:`sdrt.benchmark.worker`).
+
+This is the one module outside ``sdrt/exporters`` allowed to import torch, diffusers and optimum, and only
+the worker subprocess imports it: nothing in the package's run path does, so a runtime-only install stays
+torch-free. Every peer here is a diffusers ``StableDiffusionPipeline`` (Optimum's pipelines subclass it and
+put their compiled parts where the torch modules were), so one harness times them all:
+
+- ``diffusers``: the torch fp32 pipeline, ``torch.set_num_threads(threads)``.
+- ``optimum-intel``: ``OVStableDiffusionPipeline`` on OpenVINO CPU, dynamic shapes.
+- ``optimum-intel-static``: the same IR statically reshaped with ``.reshape(batch, height, width, 1)``.
+- ``optimum-onnxruntime``: Optimum's ``ORTStableDiffusionPipeline`` on the CPU execution provider.
+
+The Optimum peers convert the diffusers folder once (``export``, in its own process, so its memory does
+not count against the peer) into ``cache_dir`` and load from there, as sdrt loads its own export.
+All use the sampler named in the spec (``Euler a`` -> ``EulerAncestralDiscreteScheduler``), the spec's size,
+steps, guidance and seed with a CPU ``torch.Generator``.
+
+Per component: the text encoder, UNet and VAE decoder are timed by wrapping the pipeline's parts during the
+end-to-end runs (the text encoder is called twice per image, prompt and negative prompt); the VAE encoder,
+which txt2img does not use, by calling ``pipe.vae.encode`` directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+from .worker import timed, versions
+
+# peer family -> (modules it imports, how to install them)
+REQUIRES = {"diffusers": (("torch", "diffusers"), "pip install -c constraints.txt torch diffusers transformers"),
+            "optimum-intel": (("optimum.intel",), 'pip install -c constraints.txt "optimum-intel[openvino]"'),
+            "optimum-onnxruntime": (("optimum.onnxruntime",),
+                                    'pip install -c constraints.txt "optimum-onnx[onnxruntime]"')}
+SCHEDULERS = {"Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler",
+              "DDIM": "DDIMScheduler", "DPM++ 2M": "DPMSolverMultistepScheduler", "LMS": "LMSDiscreteScheduler"}
+VERSIONS = ("torch", "diffusers", "transformers", "optimum", "optimum-intel", "optimum-onnx", "openvino",
+            "onnxruntime")
+
+
+def family(peer: str) -> str:
+    """The package family of a peer: ``optimum-intel-static`` runs optimum-intel's export."""
+    return peer.removesuffix("-static")
+
+
+def missing(peer: str) -> str | None:
+    """How to install the peer's package when it is not importable here, else None."""
+    modules, install = REQUIRES[family(peer)]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError as e:
+            return f"no module {e.name or module}; `{install}`"
+    return None
+
+
+def measure(spec: dict) -> dict:
+    """Export (``mode == "export"``) or load and time one peer; ``not installed`` when its package is absent."""
+    peer = spec["peer"]
+    why = missing(peer)
+    if why is not None:
+        return {"status": "not installed", "error": why}
+    if spec.get("mode") == "export":
+        return export(spec)
+    import torch
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cls = pipeline_class(peer)                      # imported before the clock starts, as sdrt is
+    began = time.perf_counter()
+    pipe = load(cls, spec)
+    load_s = time.perf_counter() - began
+    scheduler = use_sampler(pipe, spec["sampler"])
+    with torch.inference_mode():
+        e2e, inside = end_to_end(pipe, spec)
+        encode = vae_encode(pipe, spec)
+    components = {"text_encoder": _per_run(inside, "text_encoder", 1),
+                  "unet_step": _per_run(inside, "unet", spec["steps"]),
+                  "vae_decoder": _per_run(inside, "vae_decoder", spec["batch"])}
+    if encode is not None:
+        components["vae_encoder"] = encode
+    e2e["inside_s"] = {k: statistics.median(r[k] for r in inside) for k in inside[0]}
+    return {"load_s": load_s, "components": components, "e2e": e2e, "scheduler": scheduler,
+            "precision": precision(pipe), "versions": versions(*VERSIONS)}
+
+
+def pipeline_class(peer: str):
+    if peer == "diffusers":
+        from diffusers import StableDiffusionPipeline
+        return StableDiffusionPipeline
+    if family(peer) == "optimum-intel":
+        from optimum.intel import OVStableDiffusionPipeline
+        return OVStableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    return ORTStableDiffusionPipeline
+
+
+def load(cls, spec: dict):
+    """The peer's pipeline, ready to run (compiled, for OpenVINO)."""
+    peer, threads = spec["peer"], spec["threads"]
+    if peer == "diffusers":
+        import torch
+        pipe = cls.from_pretrained(spec["source"], torch_dtype=torch.float32, safety_checker=None,
+                                   requires_safety_checker=False)
+    elif family(peer) == "optimum-intel":
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        pipe = cls.from_pretrained(spec["model_dir"], compile=False, ov_config=config)
+        if peer.endswith("-static"):
+            pipe.reshape(batch_size=spec["batch"], height=spec["height"], width=spec["width"],
+                         num_images_per_prompt=1)
+        pipe.compile()
+    else:
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        pipe = cls.from_pretrained(spec["model_dir"], provider="CPUExecutionProvider", session_options=options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def precision(pipe) -> str:
+    """The precision the peer computes in: OpenVINO's CPU plugin picks bf16 by itself on CPUs with
+    AVX512-BF16 or AMX unless told otherwise, so it is read back from the compiled UNet."""
+    request = getattr(pipe.unet, "request", None)
+    if request is not None and hasattr(request, "get_property"):          # an OpenVINO CompiledModel
+        return str(request.get_property("INFERENCE_PRECISION_HINT")).lower()
+    return str(getattr(pipe.unet, "dtype", "float32")).replace("torch.", "")
+
+
+def use_sampler(pipe, sampler: str) -> str:
+    """Switch to the diffusers scheduler matching sdrt's sampler name; returns the class name used."""
+    name = SCHEDULERS.get(sampler)
+    if name is not None:
+        import diffusers
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    return type(pipe.scheduler).__name__
+
+
+def end_to_end(pipe, spec: dict) -> tuple[dict, list[dict]]:
+    """txt2img timed as a whole; the seconds inside each part, per measured run."""
+    import torch
+    clock: dict[str, float] = defaultdict(float)
+    _watch(pipe.text_encoder, "forward", "text_encoder", clock)
+    _watch(pipe.unet, "forward", "unet", clock)
+    _watch(pipe.vae, "decode", "vae_decoder", clock)
+    inside = []
+
+    def generate():
+        clock.clear()
+        pipe(spec["prompt"], negative_prompt="", height=spec["height"], width=spec["width"],
+             num_inference_steps=spec["steps"], guidance_scale=spec["guidance"],
+             num_images_per_prompt=spec["batch"], generator=torch.Generator("cpu").manual_seed(spec["seed"]))
+        inside.append(dict(clock))
+    e2e = timed(generate, spec["runs"], spec["warmup"])
+    return e2e, inside[spec["warmup"]:]
+
+
+def vae_encode(pipe, spec: dict) -> dict | None:
+    """One image through ``pipe.vae.encode``, warm-up then median; None when the peer has no VAE encoder."""
+    import torch
+    if getattr(pipe.vae, "encoder", None) is None:
+        return None
+    x = torch.randn((1, 3, spec["height"], spec["width"]), generator=torch.Generator("cpu").manual_seed(0))
+    return {**timed(lambda: pipe.vae.encode(x), spec["runs"], spec["warmup"]), "batch": 1}
+
+
+def _watch(obj, attr: str, label: str, clock: dict) -> None:
+    """Replace ``obj.attr`` (on the instance) by a wrapper adding its wall time to ``clock[label]``."""
+    inner = getattr(obj, attr)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            clock[label] += time.perf_counter() - start
+    setattr(obj, attr, wrapper)
+
+
+def _per_run(inside: list[dict], key: str, per: int) -> dict:
+    """A part's seconds per run divided by ``per`` (steps for the UNet), as a median over the runs."""
+    times = [r.get(key, 0.0) / per for r in inside]
+    return {"median_s": statistics.median(times), "runs_s": times, "warmup_s": [], "in_pipeline": True}
+
+
+def export(spec: dict) -> dict:
+    """Convert the diffusers folder for an Optimum peer into ``cache_dir`` once; reuse it afterwards."""
+    fam = family(spec["peer"])
+    package = {"optimum-intel": "optimum-intel", "optimum-onnxruntime": "optimum-onnx"}[fam]
+    source = Path(spec["source"]).resolve()
+    stamp = f"{source}:{(source / 'model_index.json').stat().st_mtime_ns}"
+    key = f"{fam}-{metadata.version(package)}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+    target = Path(spec["cache_dir"]) / key
+    if (target / "model_index.json").is_file():
+        return {"model_dir": str(target), "export_s": None, "versions": versions(*VERSIONS)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{key}-") as tmp:
+        if fam == "optimum-intel":
+            from optimum.intel import OVStableDiffusionPipeline
+            pipe = OVStableDiffusionPipeline.from_pretrained(str(source), export=True, compile=False,
+                                                             load_in_8bit=False)
+        else:
+            from optimum.onnxruntime import ORTStableDiffusionPipeline
+            pipe = ORTStableDiffusionPipeline.from_pretrained(str(legacy_tokenizer(source, Path(tmp))),
+                                                              export=True)
+        staged = Path(tmp) / uuid.uuid4().hex
+        pipe.save_pretrained(staged)
+        try:
+            staged.rename(target)               # atomic: a killed export leaves no half-written target
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+    return {"model_dir": str(target), "export_s": time.perf_counter() - began, "versions": versions(*VERSIONS)}
+
+
+def legacy_tokenizer(source: Path, work: Path) -> Path:
+    """``source`` as transformers < 5 can read it (optimum-onnx pins transformers 4.x).
+
+    transformers 4 loads ``CLIPTokenizer`` from ``vocab.json`` + ``merges.txt``; a folder saved by
+    transformers 5 keeps only ``tokenizer.json``. Returns a view of the folder in ``work``: the model
+    folders symlinked (the same weights, not copies) and a tokenizer folder with both files written from
+    ``tokenizer.json``. Folders that already have ``vocab.json`` are returned as they are.
+    """
+    import transformers
+    tokenizer = source / "tokenizer"
+    if int(transformers.__version__.split(".")[0]) >= 5 or (tokenizer / "vocab.json").is_file() \
+            or not (tokenizer / "tokenizer.json").is_file():
+        return source
+    view = work / "source"
+    view.mkdir()
+    for child in source.iterdir():
+        if child.name != "tokenizer":
+            (view / child.name).symlink_to(child.resolve())
+    shutil.copytree(tokenizer, view / "tokenizer")
+    bpe = json.loads((tokenizer / "tokenizer.json").read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (view / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    (view / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return view
