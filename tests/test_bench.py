@@ -7,7 +7,12 @@ import sys
 import pytest
 
 from sdrt.benchmark import BenchOptions, report, run
-from sdrt.benchmark.__main__ import main
+from sdrt.cli import main as sdrt_main
+
+
+def main(argv):
+    return sdrt_main(["bench", *argv])
+
 
 SDRT = "sdrt onnxruntime fp32"
 
