@@ -129,7 +129,8 @@ def precision(pipe) -> str:
     AVX512-BF16 or AMX unless told otherwise, so it is read back from the compiled UNet."""
     request = getattr(pipe.unet, "request", None)
     if request is not None and hasattr(request, "get_property"):          # an OpenVINO CompiledModel
-        return str(request.get_property("INFERENCE_PRECISION_HINT")).lower()
+        value = request.get_property("INFERENCE_PRECISION_HINT")             # an openvino Type
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
     return str(getattr(pipe.unet, "dtype", "float32")).replace("torch.", "")
 
 
