@@ -39,17 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="local diffusers folder giving the configs of a single-file checkpoint")
     e.add_argument("--no-parity", action="store_true", help="skip the ONNX-vs-torch check after export")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
+    e.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]MODEL",
+                   help="also export this ControlNet (folder, hub id or single file) as NAME (repeatable; "
+                        "NAME defaults to MODEL's last path component)")
     e.set_defaults(run=_export)
 
-    b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR), cached in OUT/cache/")
+    b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, ONNX Runtime int8), cached "
+                                     "in OUT/cache/")
     b.add_argument("model", type=Path, help="an exported folder")
-    b.add_argument("--backend", required=True, help="openvino (onnxruntime runs the ONNX files as they are)")
-    b.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: the export's own")
+    b.add_argument("--backend", required=True,
+                   help="openvino (IR at any --precision), or onnxruntime (--precision int8 only: it runs the "
+                        "exported ONNX files as they are)")
+    b.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="default: the export's own; fp16: fp16 weights (OpenVINO); int8: quantized UNet")
     b.add_argument("--static", type=_size, metavar="WIDTHxHEIGHT",
                    help="fix every input shape for this image size (default: dynamic shapes)")
     b.add_argument("--batch", type=int, help="images per request of a --static build (default 1)")
     b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU")
-    q = b.add_argument_group("int8 (--precision int8: NNCF, calibrated by running the fp32 pipeline)")
+    q = b.add_argument_group("int8 (--precision int8: NNCF for OpenVINO, static QDQ for ONNX Runtime, calibrated "
+                             "by running the fp32 pipeline)")
     q.add_argument("--calibration-prompts", type=Path, metavar="FILE",
                    help="prompts to calibrate on, one per line (default: sdrt's own set of 32)")
     q.add_argument("--calibration-size", type=int, metavar="N", help="how many prompts (default 32)")
@@ -74,14 +82,45 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rng", default="cpu", choices=["cpu", "nv", "numpy"],
                    help="noise source: cpu = torch CPU generator, nv = torch CUDA (A1111 'NV')")
     g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1, help="A1111's Clip skip: 2 uses CLIP's penultimate layer")
+    g.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"],
+                   help="how (word:1.2) weights apply (A1111's option)")
+    g.add_argument("--tiled-vae", action="store_true", help="VAE in overlapping tiles: bounded memory at large sizes")
+    h = g.add_argument_group("hires fix (txt2img: generate, upscale, img2img at the larger size)")
+    h.add_argument("--hires-scale", type=float, help="enable it, with this upscale factor (e.g. 2)")
+    h.add_argument("--hires-upscaler", default="Latent", help='A1111 name: "Latent", "Latent (nearest)", '
+                   '"Latent (nearest-exact)", "Lanczos", "Nearest", "None"')
+    h.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0: as --steps)")
+    h.add_argument("--hires-strength", type=float, default=0.7, help="second-pass denoising strength")
+    g.add_argument("--outpaint", type=_sides, metavar="LEFT,RIGHT,TOP,BOTTOM",
+                   help="with --init-image: extend the canvas by these pixels and inpaint the new area")
     g.add_argument("--init-image", type=Path, help="PNG/JPEG for img2img or inpainting")
     g.add_argument("--strength", type=float, help="denoising strength (img2img 0.75, inpaint 1.0)")
     g.add_argument("--mask", type=Path, help="inpainting mask, white = repaint (same size as --init-image)")
     g.add_argument("--latents", type=Path, help=".npy initial noise of shape (B, 4, H/8, W/8)")
+    c = g.add_argument_group("ControlNet (repeat the group for several units; a single value applies to all)")
+    c.add_argument("--control-image", type=Path, action="append", default=[], metavar="PNG",
+                   help="control image (or the preprocessor's input)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="NAME", help="an exported ControlNet")
+    c.add_argument("--control-scale", type=float, action="append", default=[], help="weight (default 1.0)")
+    c.add_argument("--control-start", type=float, action="append", default=[], help="default 0.0")
+    c.add_argument("--control-end", type=float, action="append", default=[], help="default 1.0")
+    c.add_argument("--control-preprocessor", action="append", default=[], help="none (default) or canny")
+    c.add_argument("--control-resize", action="append", default=[],
+                   help='"Just Resize", "Crop and Resize" (default) or "Resize and Fill"')
+    c.add_argument("--control-mode", action="append", default=[],
+                   help='"Balanced" (default), "My prompt is more important" or "ControlNet is more important"')
+    g.add_argument("--lora", type=_lora, action="append", default=[], metavar="NAME_OR_PATH[:WEIGHT]",
+                   help="apply a LoRA .safetensors (a name in --lora-dir, or a path) at WEIGHT (default 1.0); "
+                        "repeatable")
+    g.add_argument("--lora-dir", type=Path, help="folder of LoRA files that --lora NAME refers to")
+    g.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (A1111's embeddings folder)")
     g.add_argument("--runtime", default="auto")
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     g.add_argument("--threads", type=int, default=0)
     g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU)")
+    g.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
+                   help="what OpenVINO computes in (default f32 on CPU; the CPU runs f16 as bf16 or f32)")
     g.add_argument("--output", type=Path, required=True, help="PNG path; batch image i > 0 gets a -i suffix")
     g.set_defaults(run=_generate)
 
@@ -99,9 +138,10 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> int:
     from .exporters import ExportOptions, export
     options = ExportOptions(opset=args.opset, fp16=args.fp16, check_parity=not args.no_parity,
-                            overwrite=args.overwrite, config=args.config)
+                            overwrite=args.overwrite, config=args.config, controlnets=tuple(args.controlnet))
     manifest = export(args.model, args.out, options)
-    print(f"exported {args.model} -> {args.out} ({', '.join(manifest.components)})")
+    nets = f"; ControlNets: {', '.join(manifest.controlnets)}" if manifest.controlnets else ""
+    print(f"exported {args.model} -> {args.out} ({', '.join(manifest.components)}{nets})")
     return 0
 
 
@@ -125,8 +165,11 @@ def _build(args) -> int:
     print(f"built {args.model} for {args.backend} -> {entry}")
     record = json.loads((entry / "build.json").read_text())
     if "quality" in record:
-        from .quantize.openvino import describe
+        from .quantize.quality import describe
         print(describe(record["quality"]))
+    if "compiled" in record:
+        computes = sorted(set(record["compiled"]["inference_precision"].values()), key=str)
+        print(f"compiled for {record['compiled']['device']}: computes in {'/'.join(map(str, computes))}")
     return 0
 
 
@@ -135,28 +178,81 @@ def _generate(args) -> int:
 
     from . import load
     from .pipelines.images import open_image
+    from .pipelines.pipeline import Hires
     if args.mask and not args.init_image:
         raise InvalidRequest("--mask needs --init-image (the picture to inpaint)")
-    device = {"device": args.device} if args.device else {}
-    pipe = load(args.model, runtime=args.runtime, precision=args.precision, threads=args.threads, **device)
+    openvino = {k: v for k, v in (("device", args.device), ("inference_precision", args.inference_precision)) if v}
+    pipe = load(args.model, runtime=args.runtime, precision=args.precision, threads=args.threads,
+                lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **openvino)
+    if args.lora:
+        pipe.set_loras(args.lora)
     kw = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
               sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
-              rng=args.rng)
+              rng=args.rng, clip_skip=args.clip_skip, emphasis=args.emphasis, tiled_vae=args.tiled_vae)
     kw |= {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
     if args.latents:
         kw["latents"] = np.load(args.latents)
+    if args.control_image or args.controlnet:
+        kw["control"] = _controls(args)
+    if args.hires_scale and args.init_image:
+        raise InvalidRequest("--hires-scale is for txt2img (no --init-image)")
+    if args.outpaint and (not args.init_image or args.mask):
+        raise InvalidRequest("--outpaint needs --init-image and makes its own mask (no --mask)")
     if args.init_image:
         image = open_image(args.init_image)
-        if args.mask:
+        if args.outpaint:
+            result = pipe.outpaint(image, args.prompt, *args.outpaint, strength=_or(args.strength, 1.0), **kw)
+        elif args.mask:
             result = pipe.inpaint(image, open_image(args.mask), args.prompt, strength=_or(args.strength, 1.0), **kw)
         else:
             result = pipe.img2img(image, args.prompt, strength=_or(args.strength, 0.75), **kw)
     else:
-        result = pipe.txt2img(args.prompt, **kw)
+        hires = None if args.hires_scale is None else Hires(
+            scale=args.hires_scale, upscaler=args.hires_upscaler, steps=args.hires_steps,
+            strength=args.hires_strength)
+        result = pipe.txt2img(args.prompt, hires=hires, **kw)
     for i, path in enumerate(_outputs(args.output, len(result))):
         result.save(path, i)
         print(f"{path}  seed {result.seeds[i]}")
     return 0
+
+
+def _controls(args) -> list:
+    """One sdrt.Control per --control-image / --controlnet pair; the other flags given once or per unit."""
+    from . import Control
+    from .pipelines.images import open_image
+    n = len(args.control_image)
+    if len(args.controlnet) != n:
+        raise InvalidRequest(f"give one --controlnet NAME per --control-image ({n} images, "
+                             f"{len(args.controlnet)} ControlNets)")
+    flags = {"scale": "scale", "start": "start", "end": "end", "preprocessor": "preprocessor",
+             "resize_mode": "resize", "control_mode": "mode"}          # Control field -> --control-FLAG
+    values = {field: getattr(args, f"control_{flag}") for field, flag in flags.items()}
+    for field, v in values.items():
+        if len(v) not in (0, 1, n):
+            raise InvalidRequest(f"--control-{flags[field]} is given {len(v)} times; give it once or once per "
+                                 f"--control-image ({n})")
+    return [Control(image=open_image(image), model=name,
+                    **{k: v[i if len(v) > 1 else 0] for k, v in values.items() if v})
+            for i, (image, name) in enumerate(zip(args.control_image, args.controlnet))]
+
+
+def _lora(text: str) -> tuple[str, float]:
+    """argparse type for NAME_OR_PATH[:WEIGHT]."""
+    name, _, weight = text.rpartition(":")
+    try:
+        return (name, float(weight)) if name else (text, 1.0)
+    except ValueError:                  # no weight, e.g. C:/loras/x.safetensors
+        return text, 1.0
+
+
+def _sides(text: str) -> tuple[int, int, int, int]:
+    """argparse type for LEFT,RIGHT,TOP,BOTTOM pixel counts."""
+    try:
+        left, right, top, bottom = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT,TOP,BOTTOM pixels, e.g. 0,128,0,0; not {text!r}")
+    return left, right, top, bottom
 
 
 def _or(value, default):
@@ -183,7 +279,7 @@ def _demo(args) -> int:
         t1 = time.perf_counter()
         export(str(source), root / "export", ExportOptions(overwrite=True))
         t2 = time.perf_counter()
-        if hasattr(backend, "build"):                   # OpenVINO: ONNX -> IR, compiled into its model cache
+        if name == "openvino":                          # ONNX -> IR, compiled into its model cache
             runtimes.build(root / "export", runtimes.BuildOptions(backend=name))
         t3 = time.perf_counter()
         pipe = load(root / "export", runtime=name)

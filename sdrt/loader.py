@@ -8,16 +8,19 @@ from pathlib import Path
 from . import manifest as mf
 from . import runtimes
 from .errors import InvalidRequest, ModelFolderError
+from .pipelines.control import ControlModels
 from .pipelines.pipeline import Models, StableDiffusion
 from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
 from .specs import SPECS, half
+from .weights.overrides import WeightOverrides
 
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 
 
 def load(folder: str | Path, runtime: str = "auto", precision: str | None = None, threads: int = 0,
-         progress: bool = True, verify: bool = True, **backend_options) -> StableDiffusion:
+         progress: bool = True, verify: bool = True, lora_dir: str | Path | None = None,
+         embeddings_dir: str | Path | None = None, **backend_options) -> StableDiffusion:
     """Load an export made by ``sdrt export``.
 
     Args:
@@ -28,8 +31,11 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
         threads: intra-op threads for the runtime; 0 lets it decide.
         progress: show a progress bar over the denoising steps on a terminal.
         verify: check every file against the sha256 in the manifest (memoised per file).
-        backend_options: passed to the backend's ``load`` (``providers=`` for ONNX Runtime, ``device=`` for
-            OpenVINO).
+        lora_dir: where ``pipe.set_loras`` looks LoRA names up (``<name>.safetensors``, A1111's Lora folder).
+        embeddings_dir: textual-inversion embeddings to use (A1111's ``embeddings`` folder); see
+            ``StableDiffusion.load_embeddings``.
+        backend_options: passed to the backend's ``load`` (``providers=`` for ONNX Runtime, ``device=`` and
+            ``inference_precision=`` f32/bf16/f16 for OpenVINO).
     """
     folder = Path(folder)
     manifest = mf.read(folder, verify=verify)
@@ -43,23 +49,40 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
     precisions = {c.precision for c in components.values()}
     if precision is not None and precision not in precisions:
         raise InvalidRequest(f"{folder} has no {precision} build; it holds {sorted(precisions)}")
-    return assemble(folder, manifest, backend, components, threads, progress, **backend_options)
+    pipe = assemble(folder, manifest, backend, components, threads, progress, lora_dir, **backend_options)
+    if embeddings_dir is not None:
+        pipe.load_embeddings(embeddings_dir)
+    return pipe
 
 
 def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str, mf.Component], threads: int = 0,
-             progress: bool = True, **backend_options) -> StableDiffusion:
+             progress: bool = True, lora_dir: Path | None = None, **backend_options) -> StableDiffusion:
     """A pipeline over exactly ``components`` run by ``backend`` (used by ``load`` and by the int8 builder,
     which compares the exported fp32 graphs with a build that is not committed yet)."""
     unknown = set(backend_options) - set(inspect.signature(backend.load).parameters)
     if unknown:
         raise InvalidRequest(f"runtime {backend.__name__.rsplit('.', 1)[-1]} takes no {sorted(unknown)} option")
-    loaded = {}
-    for name, comp in components.items():
-        spec = SPECS[comp.spec] if comp.precision != "fp16" else half(SPECS[comp.spec])
-        loaded[name] = Timed(backend.load(folder / comp.file, spec, threads=threads, **backend_options))
+    def load_one(comp: mf.Component, spec, initializers=None):
+        spec = half(spec) if comp.precision == "fp16" else spec
+        return Timed(backend.load(folder / comp.file, spec, threads=threads, initializers=initializers,
+                                  **backend_options))
+
+    loaded = {name: load_one(comp, SPECS[comp.spec]) for name, comp in components.items()}
     arch = manifest.architecture
     tokenizer = ClipTokenizer(folder / "tokenizer", arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
     models = Models(name=Path(manifest.source.rstrip("/")).stem or folder.name, arch=arch,
                     scheduler_config=json.loads((folder / "scheduler.json").read_text()),
-                    tokenizer=tokenizer, **loaded)
-    return StableDiffusion(models, progress=progress)
+                    tokenizer=tokenizer, control=_control(manifest, load_one, loaded.get("unet")), **loaded)
+    weights = WeightOverrides(folder, {name: manifest.components[name].file for name in components},
+                              {name: comp.precision for name, comp in components.items()},
+                              lambda name, values: load_one(components[name], SPECS[components[name].spec], values),
+                              models.name, lora_dir)
+    return StableDiffusion(models, progress=progress, weights=weights)
+
+
+def _control(manifest: mf.Manifest, load_one, unet) -> ControlModels | None:
+    """The export's ControlNets and residual UNet, loaded (ONNX files, on any backend) only when used."""
+    if not manifest.controlnets:
+        return None
+    layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
+    return ControlModels(manifest.controlnets, manifest.unet_control, layout, load_one, unet)

@@ -32,6 +32,9 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)    # relative path -> sha256, every file exported
     format: int = FORMAT_VERSION
     sdrt_version: str = ""
+    # exported ControlNets (name -> graph) and the UNet taking their residuals; loaded only when used
+    controlnets: dict[str, Component] = field(default_factory=dict)
+    unet_control: Component | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -61,6 +64,8 @@ def read(folder: str | os.PathLike, verify: bool = True) -> Manifest:
     try:
         raw = json.loads(path.read_text())
         raw["components"] = {k: Component(**v) for k, v in raw["components"].items()}
+        raw["controlnets"] = {k: Component(**v) for k, v in raw.get("controlnets", {}).items()}
+        raw["unet_control"] = Component(**raw["unet_control"]) if raw.get("unet_control") else None
         manifest = Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFolderError(f"{path} is not a valid sdrt manifest ({e}); re-export the model") from None

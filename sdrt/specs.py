@@ -28,9 +28,9 @@ class TensorSpec:
 def _resolve(dim: int | str, dims: dict[str, int]) -> int:
     if isinstance(dim, int):
         return dim
-    if "/" in dim:                                    # "H/8": latent size of an image size
-        symbol, divisor = dim.split("/")
-        return dims[symbol] // int(divisor)
+    if "/" in dim:                                    # "H/8": latent size of an image size, rounded up
+        symbol, divisor = dim.split("/")              # as a stride-2 conv rounds an odd size ("H/16")
+        return -(-dims[symbol] // int(divisor))
     if dim[0].isdigit():                              # "2C": a multiple of a symbol
         return int(dim[0]) * dims[dim[1:]]
     return dims[dim]
@@ -107,6 +107,38 @@ VAE_DECODER = ComponentSpec(
 )
 
 SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
+
+
+def residuals(down: str, mid: str, layout: tuple[tuple[int, int], ...]) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals: ``<down>_<i>`` for every down-block one, then ``mid``.
+
+    ``layout`` holds (channels, latent downsampling) of each, from the UNet config at export time
+    (``sdrt.json``'s ``control_residuals``); SD 1.x/2.x have 12 down residuals and one mid residual.
+    """
+    def tensor(name: str, channels: int, down: int) -> TensorSpec:
+        return TensorSpec(name, ("B", channels, f"H/{VAE_FACTOR * down}", f"W/{VAE_FACTOR * down}"))
+    return (*(tensor(f"{down}_{i}", c, f) for i, (c, f) in enumerate(layout[:-1])), tensor(mid, *layout[-1]))
+
+
+def controlnet(layout: tuple[tuple[int, int], ...]) -> ComponentSpec:
+    """A ControlNet: the UNet's inputs plus the control image (RGB in [0, 1]) and its scale -> residuals."""
+    return ComponentSpec(
+        "controlnet",
+        inputs=(TensorSpec("sample", ("B", "C", "H/8", "W/8")),
+                TensorSpec("timestep", ("B",)),
+                TensorSpec("encoder_hidden_states", ("B", "S", "D")),
+                TensorSpec("controlnet_cond", ("B", 3, "H", "W")),
+                TensorSpec("conditioning_scale", (1,))),
+        outputs=residuals("down_block_res_samples", "mid_block_res_sample", layout),
+        atol=2e-3,
+    )
+
+
+def unet_control(layout: tuple[tuple[int, int], ...]) -> ComponentSpec:
+    """The UNet (4- or 9-channel) that adds ControlNet residuals to its skip connections and mid block."""
+    return replace(UNET, name="unet_control",
+                   inputs=UNET.inputs + residuals("down_block_additional_residuals", "mid_block_additional_residual",
+                                                  layout))
 
 
 def half(spec: ComponentSpec) -> ComponentSpec:

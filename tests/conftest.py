@@ -16,10 +16,10 @@ def _build(tmp_path_factory, name: str, **kwargs) -> Path:
     return build_random_model(tmp_path_factory.mktemp(name) / "model", "tiny", **kwargs)
 
 
-def _export(tmp_path_factory, model_dir: Path, name: str) -> Path:
-    from sdrt.exporters import export
+def _export(tmp_path_factory, model_dir: Path, name: str, **options) -> Path:
+    from sdrt.exporters import ExportOptions, export
     out = tmp_path_factory.mktemp(name) / "sdrt"
-    export(str(model_dir), out, progress=False)
+    export(str(model_dir), out, ExportOptions(**options), progress=False)
     return out
 
 
@@ -51,3 +51,8 @@ def tiny_inpaint_export(tmp_path_factory, tiny_inpaint_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vpred_export(tmp_path_factory, tiny_vpred_model_dir) -> Path:
     return _export(tmp_path_factory, tiny_vpred_model_dir, "tiny_vpred_export")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_export(tmp_path_factory, tiny_model_dir) -> Path:
+    return _export(tmp_path_factory, tiny_model_dir, "tiny_fp16_export", fp16=True)

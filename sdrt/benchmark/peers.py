@@ -110,6 +110,8 @@ def load(cls, spec: dict):
                                    requires_safety_checker=False)
     elif family(peer) == "optimum-intel":
         config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        if spec.get("inference_precision"):
+            config["INFERENCE_PRECISION_HINT"] = spec["inference_precision"]
         pipe = cls.from_pretrained(spec["model_dir"], compile=False, ov_config=config)
         if peer.endswith("-static"):
             pipe.reshape(batch_size=spec["batch"], height=spec["height"], width=spec["width"],

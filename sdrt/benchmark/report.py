@@ -95,6 +95,10 @@ def _notes(systems: list[dict]) -> list[str]:
     if peers:
         notes.append("Peers: " + "; ".join(f"{s['name']} {s.get('scheduler', '?')}, computes in "
                                            f"{s.get('precision', '?')}" for s in peers) + ".")
+    computes = [f"{s['name']} in {s['precision']}" for s in systems
+                if s.get("kind") == "sdrt" and s.get("status") == "ok" and s.get("precision")]
+    if computes:
+        notes.append("sdrt OpenVINO computes (read back from the compiled UNet): " + "; ".join(computes) + ".")
     return [f"- {n}" for n in notes]
 
 

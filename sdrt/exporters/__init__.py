@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import ExportError
 from ..manifest import MANIFEST, Component, Manifest, sha256, write
 from ..specs import CLIP_LENGTH, VAE_FACTOR
+from .controlnet import export_control, load_controlnets, residual_layout
 from .onnx import WRAPPERS, export_component
 from .sources import Source, load_source
 
@@ -34,6 +35,7 @@ class ExportOptions:
     check_parity: bool = True       # compare every component with torch right after exporting it
     overwrite: bool = False         # replace a non-empty OUT
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
+    controlnets: tuple[str, ...] = ()   # "[NAME=]MODEL" each: exported to controlnet/NAME.onnx
 
 
 def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
@@ -43,17 +45,18 @@ def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
     Args:
         source: a diffusers folder, a Hugging Face Hub id, or a single ``.safetensors``/``.ckpt`` file.
         out: the folder to write; it must not exist or be empty unless ``options.overwrite``.
-        options: opset, precision, parity check, config folder for single files.
+        options: opset, precision, parity check, config folder for single files, ControlNets.
         progress: show a progress bar over the components.
     """
     out = Path(out)
     _check_out(out, options)
     model = load_source(str(source), options.config, progress)
+    controlnets = load_controlnets(options.controlnets, model, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"    # same filesystem: rename is atomic
     try:
         tmp.mkdir()
-        manifest = _export_into(tmp, model, options, progress)
+        manifest = _export_into(tmp, model, options, progress, controlnets)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,8 +74,9 @@ def _check_out(out: Path, options: ExportOptions) -> None:
         raise ExportError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
 
 
-def _export_into(folder: Path, model: Source, options: ExportOptions, progress: bool) -> Manifest:
-    """Write every component, the scheduler and the tokenizer into ``folder``; the manifest last."""
+def _export_into(folder: Path, model: Source, options: ExportOptions, progress: bool,
+                 controlnets: dict | None = None) -> Manifest:
+    """Write every component (and ControlNet), the scheduler and the tokenizer into ``folder``; the manifest last."""
     architecture = architecture_facts(model)
     precision = "fp16" if options.fp16 else "fp32"
     components = {}
@@ -84,11 +88,17 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
                          check_parity=options.check_parity)
         log.info("%s exported in %.1f s", name, time.perf_counter() - start)
         components[name] = Component(spec=name, file=f"{name}.onnx", precision=precision)
+    unet_control, nets = None, {}
+    if controlnets:
+        architecture["control_residuals"] = [list(r) for r in residual_layout(model.unet.config)]
+        unet_control, nets = export_control(model, controlnets, folder, opset=options.opset, fp16=options.fp16,
+                                            check_parity=options.check_parity)
     (folder / "scheduler.json").write_text(json.dumps(model.scheduler_config, indent=2, sort_keys=True))
     save_tokenizer(model, folder / "tokenizer")
     files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     manifest = Manifest(source=model.name, architecture=architecture, components=components, files=files,
-                        sdrt_version=getattr(sys.modules.get("sdrt"), "__version__", ""))
+                        sdrt_version=getattr(sys.modules.get("sdrt"), "__version__", ""),
+                        controlnets=nets, unet_control=unet_control)
     write(folder, manifest)
     return manifest
 

@@ -18,11 +18,15 @@ from torch import nn
 from ..errors import ExportError, ParityError
 from ..specs import CLIP_LENGTH, SPECS, VAE_FACTOR, ComponentSpec, half
 from .sources import Source
+from .weight_map import write_weight_map
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_OVER = 2**31 - 2**26      # protobuf's 2 GiB limit, less headroom for the graph itself
-TIME_PROJ_NODES = "/unet/time_proj/"     # the sinusoidal timestep embedding: kept fp32 in fp16 graphs
+TIME_PROJ_NODES = ("/unet/time_proj/", "/controlnet/time_proj/")   # sinusoidal timestep embedding: kept fp32
+# Kept fp32 in fp16 graphs, where fp16 overflows into black images: attention softmax, and GroupNorm, which
+# the TorchScript exporter emits as Reshape -> InstanceNormalization -> Reshape (statistics of a group)
+FP32_OPS = ("Softmax", "InstanceNormalization")
 
 
 class TextEncoder(nn.Module):
@@ -103,13 +107,14 @@ def export_component(source: Source, name: str, folder: Path, *, opset: int = 17
                      check_parity: bool = True) -> tuple[list[Path], dict[str, float]]:
     """Export component ``name`` of ``source`` to ``folder/<name>.onnx`` and check it against torch.
 
-    Returns the files written (graph, plus external data when large) and the max diff of every output.
+    Returns the files written (graph, external data when large, weight map) and the max diff of every output.
     """
     spec = SPECS[name]
     module = WRAPPERS[name](source).eval()
     path = folder / f"{name}.onnx"
     rng = np.random.default_rng(0)
     files = export_onnx(module, spec, path, spec.sample(rng, **dims(source, "trace")), opset, fp16)
+    files.append(write_weight_map(module, path, name, fp16))
     diffs = {}
     if check_parity:
         feeds = spec.sample(rng, **check_dims(source, name))
@@ -141,16 +146,58 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path, feeds: dict[
 
 
 def to_fp16(path: Path) -> onnx.ModelProto:
-    """float16 weights and I/O (``specs.half``). ONNX Runtime's CPU EP runs ops it has no fp16 kernel
-    for in fp32 (it inserts the Casts itself when loading).
+    """float16 weights and I/O (``specs.half``), with the numerically sensitive ops kept fp32. ONNX Runtime's
+    CPU EP runs ops it has no fp16 kernel for in fp32 (it inserts the Casts itself when loading).
 
-    The sinusoidal timestep embedding stays fp32 (diffusers computes it in fp32 in fp16 pipelines too):
-    sin/cos of t·freq with t up to 999 would be off by up to 0.5 rad in fp16.
+    Kept fp32 (Casts around them): the sinusoidal timestep embedding (sin/cos of t·freq with t up to 999
+    would be off by up to 0.5 rad in fp16; diffusers computes it in fp32 too), every ``FP32_OPS`` node, and
+    the attention scores Q·Kᵀ feeding each softmax (diffusers' ``upcast_attention``: they overflow 65504).
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     graph = onnx.load(str(path), load_external_data=False).graph
-    keep = [n.name for n in graph.node if n.name.startswith(TIME_PROJ_NODES)]
-    return convert_float_to_float16(str(path), keep_io_types=["timestep"], node_block_list=keep)
+    keep = [n.name for n in graph.node if n.name.startswith(TIME_PROJ_NODES)] + attention_scores(graph)
+    model = convert_float_to_float16(str(path), keep_io_types=["timestep"], node_block_list=keep,
+                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
+    drop_fp16_round_trips(model.graph)
+    return model
+
+
+def attention_scores(graph: onnx.GraphProto) -> list[str]:
+    """Names of the nodes computing each Softmax's input: the Q·Kᵀ MatMul and any mask Add between them."""
+    producer = {out: node for node in graph.node for out in node.output}
+    names = []
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        step = producer.get(node.input[0])
+        while step is not None and step.op_type in ("Add", "Mul", "Div", "MatMul"):
+            names.append(step.name)
+            step = None if step.op_type == "MatMul" else producer.get(step.input[0])
+    return names
+
+
+def drop_fp16_round_trips(graph: onnx.GraphProto) -> None:
+    """Remove the Cast(fp16) -> Cast(fp32) pairs ``convert_float_to_float16`` puts between two fp32 nodes.
+
+    onnxruntime 1.32's converter casts every kept node's output to fp16 and back, even when the next node is
+    kept fp32 too, which rounds Q·Kᵀ (and t·freq) to fp16 before the softmax (the sine) after all.
+    """
+    def cast_to(node):
+        return next(a.i for a in node.attribute if a.name == "to") if node.op_type == "Cast" else None
+    producer = {out: node for node in graph.node for out in node.output}
+    rename = {}                         # output of a Cast(fp32) undoing a Cast(fp16) -> the fp32 original
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if cast_to(node) == onnx.TensorProto.FLOAT and first is not None and \
+                cast_to(first) == onnx.TensorProto.FLOAT16:
+            rename[node.output[0]] = first.input[0]
+    kept = [n for n in graph.node if n.output[0] not in rename]
+    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    kept = [n for n in kept if n.op_type != "Cast" or n.output[0] in used]
+    for node in kept:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def save(model: onnx.ModelProto, path: Path) -> list[Path]:

@@ -69,6 +69,7 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                                                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                                                 **cfg["text"]))
+    _trained_like_final_norm(text_encoder)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
@@ -78,3 +79,15 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
     pipe.save_pretrained(out, safe_serialization=True)
     log.info("wrote a random %s model (inpaint=%s, %s) to %s", arch, inpaint, prediction_type, out)
     return out
+
+
+def _trained_like_final_norm(text_encoder: CLIPTextModel) -> None:
+    """Give CLIP's final LayerNorm a random affine transform, as trained models have.
+
+    Freshly initialised (weight 1, bias 0), every token's output has mean exactly 0, so A1111's emphasis
+    ("restore the mean after weighting") would divide by a rounding error; SD's CLIP has a mean near -0.1.
+    """
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(-0.1, 0.2)

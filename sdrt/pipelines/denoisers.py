@@ -17,35 +17,55 @@ Denoise = Callable[[np.ndarray, float], np.ndarray]
 
 @dataclass
 class ModelDenoiser:
-    """An eps- or v-predicting UNet as D(x, sigma) for every text condition at once (Karras et al. 2022, §B).
+    """An eps- or v-predicting UNet as D(x, sigma) for several text conditions at once (Karras et al. 2022, §B).
 
-    ``cond`` holds k blocks of B embeddings ([uncond; cond] for guidance); the result stacks the k
-    predictions along the batch axis in the same order.
+    ``cond(step)`` gives the condition blocks in effect at model evaluation ``step`` (0, 1, ... counted by
+    this object), each (B, S, D): [uncond; cond] for guidance, more with ``AND``. The result stacks one
+    prediction per block along the batch axis, in the same order. Consecutive blocks of one token count
+    share a UNet call; a block of another length (a longer negative prompt) gets its own, as in A1111.
     """
     unet: Runtime
     log_sigmas: np.ndarray
-    cond: np.ndarray
+    cond: Callable[[int], list[np.ndarray]]
     prediction_type: str = "epsilon"
-    concat: np.ndarray | None = None       # 9-channel inpaint UNet: mask ⊕ masked-image latents, per cond
+    concat: np.ndarray | None = None       # 9-channel inpaint UNet: mask ⊕ masked-image latents (B, 5, h, w)
+    step: int = 0
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
-        xs = np.concatenate([x] * (len(self.cond) // len(x)))
-        xin = (xs / np.sqrt(sigma ** 2 + 1.0)).astype(np.float32)
+        blocks = self.cond(self.step)
+        self.step += 1
+        xin = (x / np.sqrt(sigma ** 2 + 1.0)).astype(np.float32)
         if self.concat is not None:
             xin = np.concatenate([xin, self.concat], axis=1)
-        t = np.full(len(xin), sigma_to_t(sigma, self.log_sigmas), dtype=np.float32)
-        out = self.unet.run({"sample": xin, "timestep": t, "encoder_hidden_states": self.cond})["out_sample"]
-        out = out.astype(np.float32)
+        t = np.float32(sigma_to_t(sigma, self.log_sigmas))
+        outs = []
+        for group in _same_length_runs(blocks):
+            feeds = {"sample": np.concatenate([xin] * len(group)), "timestep": np.full(len(x) * len(group), t),
+                     "encoder_hidden_states": np.concatenate(group)}
+            outs.append(self.unet.run(feeds)["out_sample"])
+        out = np.concatenate(outs).astype(np.float32)
+        xs = np.concatenate([x] * len(blocks))
         if self.prediction_type == "v_prediction":
             return xs / (sigma ** 2 + 1.0) - out * (sigma / np.sqrt(sigma ** 2 + 1.0))
         return xs - sigma * out
 
 
-def guided(denoise: Denoise, scale: float) -> Denoise:
-    """Classifier-free guidance (Ho & Salimans 2022) over a denoiser returning [uncond; cond]."""
+def _same_length_runs(blocks: list[np.ndarray]) -> list[list[np.ndarray]]:
+    runs: list[list[np.ndarray]] = []
+    for b in blocks:
+        if runs and runs[-1][0].shape == b.shape:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def guided(denoise: Denoise, scale: float, weights: tuple[float, ...] | list[float] = (1.0,)) -> Denoise:
+    """Classifier-free guidance (Ho & Salimans 2022) over a denoiser returning [uncond; cond_1; ...]:
+    uncond + scale * sum_i w_i (cond_i - uncond), composable diffusion for A1111's ``AND`` (Liu et al. 2022)."""
     def d(x, sigma):
-        uncond, cond = np.split(denoise(x, sigma), 2)
-        return uncond + scale * (cond - uncond)
+        uncond, *conds = np.split(denoise(x, sigma), 1 + len(weights))
+        return uncond + scale * sum(w * (c - uncond) for w, c in zip(weights, conds))
     return d
 
 

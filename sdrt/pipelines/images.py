@@ -37,6 +37,20 @@ def mask_array(mask: Image.Image, width: int, height: int) -> np.ndarray:
     return (m >= 0.5).astype(np.float32)[None, None]
 
 
+def extend(image: Image.Image, left: int, right: int, top: int, bottom: int,
+           overlap: int) -> tuple[Image.Image, Image.Image]:
+    """``image`` on a larger canvas, the new pixels repeating the nearest edge, and the outpainting mask:
+    white over the new area and ``overlap`` pixels into the image along each extended side."""
+    a = np.asarray(image.convert("RGB"))
+    h, w = a.shape[:2]
+    canvas = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(canvas.shape[:2], 255, np.uint8)
+    keep_y = slice(top + (overlap if top else 0), top + h - (overlap if bottom else 0))
+    keep_x = slice(left + (overlap if left else 0), left + w - (overlap if right else 0))
+    mask[keep_y, keep_x] = 0
+    return Image.fromarray(canvas), Image.fromarray(mask)
+
+
 def to_pil(images: np.ndarray) -> list[Image.Image]:
     """(B, 3, H, W) decoder output in [-1, 1] -> PIL images, rounded as diffusers' postprocess rounds."""
     x = np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)

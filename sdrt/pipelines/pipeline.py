@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,12 +16,18 @@ from PIL import Image
 from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
 from ..specs import VAE_FACTOR
-from . import images, samplers, schedules
+from ..weights.overrides import WeightOverrides
+from . import images, prompts, resize, samplers, schedules
+from .conditioning import Conditioning, TextEncoder, TextOptions
+from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
+from .embeddings import Embedding, Vocabulary, read_folder
 from .rng import make_generator
+from .tiling import OVERLAP, TILE, tiled
 from .tokenizer import ClipTokenizer
 
 MAX_SEED = 4294967294          # A1111 draws random seeds below this
+TOKEN_EMBEDDING = "embeddings.token_embedding.weight"      # CLIP's table; textual inversion extends it
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Models:
     unet: Runtime
     vae_decoder: Runtime
     vae_encoder: Runtime | None = None
+    control: ControlModels | None = None      # the export's ControlNets, loaded on first use
 
 
 @dataclass
@@ -74,6 +82,15 @@ class Request:
     rng: str = "cpu"
     latents: np.ndarray | None = None
     strength: float = 1.0
+    clip_skip: int = 1                    # A1111's "Clip skip": 2 uses the penultimate CLIP layer
+    emphasis: str = "Original"            # how (word:1.2) weights apply: Original | No norm | Ignore | None
+    comma_padding_backtrack: int = 20     # long prompts: tokens moved to the next chunk at a comma
+    control: list[Control] = ()           # ControlNet units (sdrt.Control)
+    tiled_vae: bool = False               # VAE in overlapping tiles: bounded memory for large images
+
+    @property
+    def text_options(self) -> TextOptions:
+        return TextOptions(self.clip_skip, self.emphasis, self.comma_padding_backtrack)
 
     def check(self, vae_factor: int) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -89,6 +106,53 @@ class Request:
             raise InvalidRequest(f"batch_size must be >= 1, not {self.batch_size}")
 
 
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix: generate, upscale, then img2img at the larger size.
+
+    The target is ``width x height`` when given (one of them: the other keeps the aspect ratio), else the
+    first pass's size times ``scale``, rounded down to a multiple of 8. ``upscaler`` is an A1111 name
+    (``resize.UPSCALERS``): "Latent" variants resize the latents, the others the decoded image.
+    ``steps`` 0 and ``sampler``/``prompt``/``negative_prompt`` None reuse the first pass's.
+    """
+    scale: float = 2.0
+    width: int = 0
+    height: int = 0
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = 0.7
+    sampler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def second_pass(self, req: Request, factor: int) -> Request:
+        if self.upscaler not in resize.UPSCALERS:
+            raise InvalidRequest(f"unknown hires upscaler {self.upscaler!r}; available: "
+                                 f"{', '.join(resize.UPSCALERS)}")
+        if self.scale <= 0 or self.width < 0 or self.height < 0:
+            raise InvalidRequest("hires scale, width and height must be positive")
+        width, height = self.width, self.height
+        if not width and not height:
+            width, height = int(req.width * self.scale), int(req.height * self.scale)
+        elif not height:
+            height = int(width * req.height / req.width)
+        elif not width:
+            width = int(height * req.width / req.height)
+        return replace(req, width=width - width % factor, height=height - height % factor,
+                       steps=self.steps or req.steps, strength=self.strength, sampler=self.sampler or req.sampler,
+                       prompt=req.prompt if self.prompt is None else self.prompt,
+                       negative_prompt=req.negative_prompt if self.negative_prompt is None else self.negative_prompt,
+                       latents=None)
+
+    def infotext(self, second: Request) -> dict:
+        return {"Denoising strength": self.strength,
+                "Hires upscale": self.scale if not (self.width or self.height) else None,
+                "Hires resize": f"{second.width}x{second.height}" if self.width or self.height else None,
+                "Hires steps": self.steps or None, "Hires upscaler": self.upscaler,
+                "Hires sampler": self.sampler, "Hires prompt": self.prompt,
+                "Hires negative prompt": self.negative_prompt}
+
+
 @dataclass
 class Start:
     """What a task hands the shared loop: start latents (VE) and how to condition and finish sampling."""
@@ -101,17 +165,65 @@ class Start:
 class StableDiffusion:
     """A loaded export. ``txt2img``/``img2img``/``inpaint`` return a :class:`Result`."""
 
-    def __init__(self, models: Models, progress: bool = True):
+    def __init__(self, models: Models, progress: bool = True, weights: WeightOverrides | None = None):
         self.models = models
         self.progress = progress
+        self.weights = weights                  # LoRAs and weight overrides; None: the exported weights only
+        self.loras: list[tuple[str, float]] = []        # set_loras'; a prompt's <lora:...> tags add to them
+        self._prompt_loras = False                      # the weights now include a prompt's tags
+        self.vocabulary: Vocabulary | None = None       # textual-inversion embeddings in use
         self.factor = models.arch.get("vae_factor", VAE_FACTOR)        # pixels per latent cell
         alphas = schedules.alphas_cumprod(models.scheduler_config)
         self.log_sigmas = np.log(np.sqrt((1.0 - alphas) / alphas))
 
-    def txt2img(self, prompt: str, **kwargs) -> Result:
-        """Text to image. Keyword arguments are the fields of :class:`Request`."""
+    def txt2img(self, prompt: str, hires: Hires | None = None, **kwargs) -> Result:
+        """Text to image; with ``hires``, A1111's two-pass hires fix. Keyword arguments are the fields of
+        :class:`Request`."""
         req = self._request(prompt, kwargs)
-        return self._generate(req, "txt2img", lambda gens, plan: Start(self._noise(req, gens) * plan.init_sigma))
+
+        def start(gens, plan):
+            return Start(self._noise(req, gens) * plan.init_sigma)
+        if hires is None:
+            return self._generate(req, "txt2img", start)
+        return self._hires(req, hires, start)
+
+    def _hires(self, req: Request, hires: Hires, start: Callable) -> Result:
+        """First pass, upscale (latents, or the decoded images), then img2img at the target size."""
+        began, spent = time.perf_counter(), _spent(self.models)
+        second = hires.second_pass(req, self.factor)
+        second.check(self.factor)
+        latents, _ = self._sample(req, start)
+        kind, how = resize.UPSCALERS[hires.upscaler]
+        if kind == "latent":
+            upscaled = resize.latents(latents, second.height // self.factor, second.width // self.factor, how)
+        else:
+            size = (second.width, second.height)
+            pixels = np.concatenate([images.to_array(pic.resize(size, how), *size)
+                                     for pic in self._decode(latents, req.tiled_vae)])
+
+        def second_start(gens, plan):        # fresh generators of the same seeds, as A1111's second pass
+            x0 = upscaled if kind == "latent" else self._encode(pixels, gens, second.tiled_vae)
+            return Start(x0 + plan.sigmas[0] * self._noise(second, gens))
+        latents, plan = self._sample(second, second_start)
+        pics = self._decode(latents, second.tiled_vae)
+        return self._result(req, "txt2img", plan, pics, self._timings(spent, began), hires.infotext(second))
+
+    def outpaint(self, image: Image.Image, prompt: str, left: int = 0, right: int = 0, top: int = 0,
+                 bottom: int = 0, overlap: int = 8, **kwargs) -> Result:
+        """Extend the canvas by the given pixels on each side and inpaint the new area.
+
+        The new area starts as the image's edge pixels repeated outwards; the mask also covers ``overlap``
+        pixels of the image along each extended side, so the seam is repainted. Works best with an
+        inpainting (9-channel) model; keyword arguments are those of :meth:`inpaint`.
+        """
+        sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+        if any(v < 0 or v % self.factor for v in sides.values()) or not any(sides.values()):
+            raise InvalidRequest(f"outpaint needs left/right/top/bottom as non-negative multiples of "
+                                 f"{self.factor}, at least one positive; got {sides}")
+        if overlap < 0 or any(overlap >= n for n in image.size):
+            raise InvalidRequest(f"overlap must be between 0 and the image size, not {overlap}")
+        canvas, mask = images.extend(image, left, right, top, bottom, overlap)
+        return self.inpaint(canvas, mask, prompt, **kwargs)
 
     def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, **kwargs) -> Result:
         """Image to image: ``strength`` of the schedule is run from the noised image latents."""
@@ -119,7 +231,7 @@ class StableDiffusion:
         pixels = images.to_array(image, req.width, req.height)
 
         def start(gens, plan):
-            x0 = self._encode(pixels, gens)
+            x0 = self._encode(pixels, gens, req.tiled_vae)
             return Start(x0 + plan.sigmas[0] * self._noise(req, gens))
         return self._generate(req, "img2img", start)
 
@@ -138,15 +250,52 @@ class StableDiffusion:
         """diffusers' order of draws: image latents (4-ch or strength < 1), noise, masked-image latents."""
         nine = self.models.arch.get("unet_in_channels", 4) == 9
         full = req.strength == 1.0
-        x0 = self._encode(pixels, gens) if (not nine or not full) else None
+        x0 = self._encode(pixels, gens, req.tiled_vae) if (not nine or not full) else None
         noise = self._noise(req, gens)
         x = noise * plan.init_sigma if full else x0 + plan.sigmas[0] * noise
-        masked_latents = self._encode(pixels * (mask < 0.5), gens)
+        masked_latents = self._encode(pixels * (mask < 0.5), gens, req.tiled_vae)
         m = mask[:, :, ::self.factor, ::self.factor]   # nearest-neighbour downscale, as torch's interpolate
         if nine:
             return Start(x, concat=np.concatenate([np.repeat(m, len(x), 0), masked_latents], axis=1))
         return Start(x, wrap=lambda d: masked(d, m, x0, noise, float(plan.sigmas[0])),
                      finish=lambda z: m * z + (1.0 - m) * x0)
+
+    def set_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Generate with exactly these LoRAs from now on: ``[(name_or_path, weight), ...]``, [] for none.
+
+        A name is ``<name>.safetensors`` in the ``lora_dir`` given to ``sdrt.load`` (A1111 style), a path is
+        used as is. Only the components whose merged weights change are reloaded; the same set again is free.
+        A prompt's ``<lora:name:weight>`` tags apply on top of these, for that generation only.
+        """
+        self._use(self._weights().set_loras(loras))
+        self.loras, self._prompt_loras = list(loras), False
+
+    def override_weights(self, component: str, values: dict[str, np.ndarray]) -> None:
+        """Run ``component`` with these weights instead of the exported ones, by torch parameter name, e.g.
+        ``{"embeddings.token_embedding.weight": table}`` for "text_encoder" (the first axis may grow: new
+        tokens). Replaces the component's previous overrides ({} restores the export's); LoRAs add on top."""
+        self._use(self._weights().set_values(component, values))
+
+    def load_embeddings(self, folder: str | Path) -> tuple[list[Embedding], list[Path]]:
+        """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
+        word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
+        is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
+        weights = self._weights()
+        table = weights.original("text_encoder", TOKEN_EMBEDDING)
+        loaded, skipped = read_folder(Path(folder), table.shape[1])
+        vocabulary = Vocabulary(loaded, self.models.tokenizer.tokens, len(table))
+        self._use(weights.set_values("text_encoder", {TOKEN_EMBEDDING: vocabulary.table(table)} if loaded else {}))
+        self.vocabulary = vocabulary if loaded else None
+        return loaded, skipped
+
+    def _weights(self) -> WeightOverrides:
+        if self.weights is None:
+            raise InvalidRequest("this pipeline was assembled without weight overrides; load it with sdrt.load")
+        return self.weights
+
+    def _use(self, runtimes: dict[str, Runtime]) -> None:
+        for name, runtime in runtimes.items():
+            setattr(self.models, name, runtime)
 
     # -- shared steps -------------------------------------------------------------------------------
 
@@ -156,40 +305,60 @@ class StableDiffusion:
         except TypeError as e:
             raise InvalidRequest(str(e)) from None
         req.check(self.factor)
+        req.text_options.check(self.models.arch.get("text_layers", 12))
         if req.seed is None or req.seed == -1:
             req = replace(req, seed=random.randrange(MAX_SEED))
         return req
 
     def _generate(self, req: Request, task: str, prepare: Callable) -> Result:
-        """Plan the schedule, encode the prompts, prepare the start, sample, decode."""
+        """Sample, decode, and describe the result."""
+        began, spent = time.perf_counter(), _spent(self.models)
+        latents, plan = self._sample(req, prepare)
+        pics = self._decode(latents, req.tiled_vae)
+        return self._result(req, task, plan, pics, self._timings(spent, began))
+
+    def _timings(self, spent: dict[str, float], began: float) -> dict[str, float]:
+        timings = {k: v - spent.get(k, 0.0) for k, v in _spent(self.models).items()}
+        timings["total"] = time.perf_counter() - began
+        return timings
+
+    def _sample(self, req: Request, prepare: Callable) -> tuple[np.ndarray, samplers.SamplingPlan]:
+        """Plan the schedule, encode the prompts, prepare the start, run the sampler: final VP latents."""
         m = self.models
-        spent = _spent(m)
-        began = time.perf_counter()
         plan = samplers.plan(req.sampler, req.steps, m.scheduler_config, strength=req.strength,
                              scheduler=req.scheduler)
         gens = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
-        cond = self._cond(req)
+        cond = self._conditioning(req)                  # may switch LoRAs, i.e. the UNet runtime
+        unet = controlled_unet(m, req, plan) if req.control else m.unet
         start = prepare(gens, plan)
-        concat = None if start.concat is None else np.concatenate([start.concat] * (len(cond) // len(start.x)))
-        d = ModelDenoiser(m.unet, self.log_sigmas, cond, m.arch.get("prediction_type", "epsilon"), concat)
-        d = guided(d, req.guidance_scale) if req.guidance_scale > 1.0 else d
+        d = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
+                          start.concat)
+        d = d if cond.plain else guided(d, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
         with _progress(len(plan.sigmas) - 1, self.progress) as bar:
             x = plan.run(d, start.x.astype(np.float32), noise=lambda: _draw(gens, start.x.shape),
                          callback=lambda i, x, denoised: bar.update(1))
         latents = (x / np.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).astype(np.float32)
-        latents = start.finish(latents) if start.finish else latents
-        pics = self._decode(latents)
-        timings = {k: v - spent.get(k, 0.0) for k, v in _spent(m).items()}
-        timings["total"] = time.perf_counter() - began
-        return self._result(req, task, plan, pics, timings)
+        return (start.finish(latents) if start.finish else latents), plan
 
-    def _cond(self, req: Request) -> np.ndarray:
-        """Text embeddings, [uncond * B; cond * B] with guidance, cond * B without (diffusers' order)."""
-        prompts = [req.negative_prompt, req.prompt] if req.guidance_scale > 1.0 else [req.prompt]
-        ids = self.models.tokenizer(prompts)
-        emb = self.models.text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
-        return np.repeat(emb, req.batch_size, axis=0)
+    def _conditioning(self, req: Request) -> Conditioning:
+        """The prompts' text conditioning over the steps (A1111 syntax: emphasis, BREAK, long prompts,
+        prompt editing, AND, CLIP skip); ``<lora:...>`` tags are removed here (see ``_extra_networks``)."""
+        prompt, networks = prompts.extra_networks(req.prompt)
+        self._extra_networks(networks)
+        encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
+        return Conditioning.build(encode, prompt, req.negative_prompt, req.steps, req.guidance_scale > 1.0,
+                                  req.batch_size)
+
+    def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
+        unknown = sorted({n.kind for n in networks} - {"lora"})
+        if unknown:
+            raise InvalidRequest(f"the prompt names extra networks sdrt does not support: {unknown}; "
+                                 "only <lora:name:weight> is")
+        tags = [_lora_tag(n) for n in networks if n.kind == "lora"]
+        if tags or self._prompt_loras:
+            self._use(self._weights().set_loras(self.loras + tags))
+            self._prompt_loras = bool(tags)
 
     def _noise(self, req: Request, gens) -> np.ndarray:
         """Initial noise: ``req.latents`` when given, else one draw per image from its own generator."""
@@ -202,31 +371,54 @@ class StableDiffusion:
             raise InvalidRequest(f"latents have shape {latents.shape}, expected {shape}")
         return latents
 
-    def _encode(self, pixels: np.ndarray, gens) -> np.ndarray:
+    def _encode(self, pixels: np.ndarray, gens, tiled_vae: bool = False) -> np.ndarray:
         """VAE-encode and sample the latent distribution with each image's generator (diffusers' order)."""
-        if self.models.vae_encoder is None:
+        encoder = self.models.vae_encoder
+        if encoder is None:
             raise InvalidRequest("this export has no VAE encoder, which img2img and inpainting need; "
                                  "re-export the model with `sdrt export`")
-        params = self.models.vae_encoder.run({"sample": pixels})["latent_parameters"].astype(np.float32)
+        def run(x):
+            return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
+        params = tiled(run, pixels, 1 / self.factor, self.factor * TILE, self.factor * OVERLAP) if tiled_vae \
+            else run(pixels)
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         samples = [mean + std * g.randn(mean.shape) for g in gens]
         return np.concatenate(samples) * np.float32(self.models.arch["vae_scaling_factor"])
 
-    def _decode(self, latents: np.ndarray) -> list[Image.Image]:
+    def _decode(self, latents: np.ndarray, tiled_vae: bool = False) -> list[Image.Image]:
+        """VAE-decode image by image (whole, or in overlapping tiles)."""
         z = latents / np.float32(self.models.arch["vae_scaling_factor"])
+        def run(x):
+            return self.models.vae_decoder.run({"latent_sample": x})["sample"]
         return [pic for i in range(len(z))
-                for pic in images.to_pil(self.models.vae_decoder.run({"latent_sample": z[i:i + 1]})["sample"])]
+                for pic in images.to_pil(tiled(run, z[i:i + 1], self.factor) if tiled_vae else run(z[i:i + 1]))]
 
-    def _result(self, req: Request, task: str, plan, pics, timings) -> Result:
+    def _result(self, req: Request, task: str, plan, pics, timings, extra: dict | None = None) -> Result:
         seeds = [req.seed + i for i in range(len(pics))]
         params = {"Steps": req.steps, "Sampler": plan.label, "CFG scale": req.guidance_scale, "Seed": None,
                   "Size": f"{req.width}x{req.height}", "Model": self.models.name,
                   "Denoising strength": req.strength if task != "txt2img" else None,
-                  "RNG": {"cpu": None, "nv": "NV", "numpy": "NumPy"}.get(req.rng)}
+                  "RNG": {"cpu": None, "nv": "NV", "numpy": "NumPy"}.get(req.rng),
+                  "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+                  "Emphasis": req.emphasis if req.emphasis != "Original" else None}
+        params["Lora hashes"] = self.weights.hashes() if self.weights else None
+        params |= {"Tiled VAE": True if req.tiled_vae else None, **(extra or {})}
         texts = [images.infotext(req.prompt, req.negative_prompt, {**params, "Seed": s}) for s in seeds]
         parameters = {"task": task, **{k: v for k, v in req.__dict__.items() if k != "latents"}}
         return Result(pics, seeds, texts, parameters, timings)
+
+
+def _lora_tag(tag: prompts.ExtraNetwork) -> tuple[str, float]:
+    """``<lora:name>`` / ``<lora:name:weight>`` -> (name, weight); A1111's separate UNet weight is refused."""
+    name, *weights = tag.args
+    if len(weights) > 1:
+        raise InvalidRequest(f"<lora:{':'.join(tag.args)}>: separate text-encoder and UNet weights are not "
+                             "supported; give one weight, <lora:name:0.8>")
+    try:
+        return name, float(weights[0]) if weights else 1.0
+    except ValueError:
+        raise InvalidRequest(f"<lora:{':'.join(tag.args)}>: the weight must be a number") from None
 
 
 def _draw(gens, shape) -> np.ndarray:

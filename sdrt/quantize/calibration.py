@@ -7,16 +7,18 @@ NumPy only: the pipeline may run on any runtime.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .. import manifest as mf
 from ..errors import InvalidRequest
 from ..pipelines.pipeline import StableDiffusion
 from ..runtimes.base import Runtime
+from ..specs import VAE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,25 @@ class CalibrationOptions:
         if self.prompts < 1 or self.steps < 1:
             raise InvalidRequest(f"--calibration-size and --calibration-steps must be >= 1, "
                                  f"not {self.prompts} and {self.steps}")
+
+
+def calibration_options(manifest: mf.Manifest, options) -> CalibrationOptions:
+    """The calibration a build's options (``BuildOptions``) ask for; the image size is the static one, else
+    ``--calibration-resolution``, else the model's native size."""
+    arch = manifest.architecture
+    native = arch.get("sample_size", 64) * arch.get("vae_factor", VAE_FACTOR)
+    width, height = options.static or options.calibration_resolution or (native, native)
+    given = {"prompt_file": options.calibration_prompts, "prompts": options.calibration_size,
+             "steps": options.calibration_steps}
+    return replace(CalibrationOptions(width=width, height=height, batch_size=(options.batch or 1)),
+                   **{k: v for k, v in given.items() if v is not None})
+
+
+def calibration_settings(calib: CalibrationOptions) -> dict:
+    """What makes one calibration differ from another, for build cache keys (the prompts by their digest)."""
+    calib.check()
+    return {"prompts": prompts_digest(calib.prompt_file), "size": calib.prompts, "steps": calib.steps,
+            "sampler": calib.sampler, "resolution": [calib.width, calib.height], "seed": calib.seed}
 
 
 class Recorder:

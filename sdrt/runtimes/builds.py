@@ -31,7 +31,7 @@ RECORD = "build.json"
 # (pipelines/pipeline.py): the prompts [negative, positive] are encoded once as a batch of 2 and repeated,
 # the UNet runs [uncond; cond] (2n), the VAE encodes the one init image and decodes image by image.
 STATIC_BATCH: dict[str, Callable[[int], int]] = {
-    "text_encoder": lambda n: 2, "unet": lambda n: 2 * n, "vae_encoder": lambda n: 1, "vae_decoder": lambda n: 1}
+    "text_encoder": lambda n: 1, "unet": lambda n: 2 * n, "vae_encoder": lambda n: 1, "vae_decoder": lambda n: 1}
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,21 @@ def touch(entry: Path) -> None:
         os.utime(entry / RECORD)
     except OSError:                 # read-only cache: the entry is still valid
         pass
+
+
+def annotate(entry: Path, key: str, value) -> None:
+    """Add ``key`` to a committed entry's record: facts learnt after the build, e.g. how it compiled.
+
+    The record is replaced atomically; the files it lists are not touched, so the entry stays intact.
+    """
+    path = entry / RECORD
+    record = {**json.loads(path.read_text()), key: value}
+    tmp = entry / f".{RECORD}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:                 # read-only cache: the entry is still valid
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

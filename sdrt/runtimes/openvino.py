@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import manifest as mf
-from ..errors import BackendUnavailable, InvalidRequest, ProfileError
+from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
 from ..specs import SPECS, VAE_FACTOR, ComponentSpec, half
 from . import builds
 from .base import check_feeds
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CACHE = Path("cache") / "openvino"      # build entries, relative to the export folder
 MODEL_CACHE = "ov_cache"                # OpenVINO's own compiled-model cache (CACHE_DIR), inside CACHE
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")   # OpenVINO's INFERENCE_PRECISION_HINT values
 
 
 def _ov():
@@ -55,28 +56,40 @@ def check_device(device: str) -> None:
 
 
 class OvRuntime:
-    """A component compiled by ``openvino.Core.compile_model``, served by one InferRequest made once."""
+    """A component compiled by ``openvino.Core.compile_model``, served by one InferRequest made once.
+
+    ``inference_precision`` is the precision OpenVINO computes in (f32, bf16, f16); None: f32 on a CPU (whose
+    plugin otherwise picks bf16 on AVX512-BF16/AMX CPUs; f32 gives ONNX Runtime's image), the device's own
+    default elsewhere. A device that lacks it falls back (the CPU runs f16 as bf16 or f32):
+    ``self.inference_precision`` holds what the compiled model actually uses.
+    """
 
     def __init__(self, path: Path, spec: ComponentSpec, threads: int = 0, device: str = "CPU",
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, inference_precision: str | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
         check_device(device)
+        if inference_precision not in (None, *INFERENCE_PRECISIONS):
+            raise InvalidRequest(f"inference precision {inference_precision!r}: OpenVINO computes in "
+                                 f"{', '.join(INFERENCE_PRECISIONS)}")
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
-        if device.startswith("CPU"):    # CPUs with AMX/AVX512-BF16 default to bf16; fp32 matches ONNX Runtime
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if inference_precision or device.startswith("CPU"):
+            config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
         self.folder = next((p for p in path.resolve().parents if (p / mf.MANIFEST).is_file()), None)
         cache_dir = cache_dir or _model_cache(self.folder)
-        if cache_dir is not None:
+        if cache_dir is not None and not initializers:  # new weights are compiled afresh, not cached per set
             config["CACHE_DIR"] = str(cache_dir)
+        model = with_weights(path, initializers, spec) if initializers else str(path)
         try:
-            self.compiled = _core().compile_model(str(path), device, config)
+            self.compiled = _core().compile_model(model, device, config)
         except RuntimeError as e:
             raise BackendUnavailable(f"{spec.name}: OpenVINO cannot compile {path.name} for {device}: "
                                      f"{str(e).strip().splitlines()[0]}") from None
         self.spec, self.path, self.device = spec, path, device
         self.request = self.compiled.create_infer_request()
         self.loaded_from_cache = _loaded_from_cache(self.compiled)
+        self.inference_precision = _inference_precision(self.compiled)
         self._inputs = {}                               # name -> (dtype, static shape or None)
         for port in self.compiled.inputs:
             shape = port.get_partial_shape()
@@ -106,9 +119,36 @@ class OvRuntime:
 
 
 def load(path: Path, spec: ComponentSpec, threads: int = 0, device: str = "CPU",
-         cache_dir: Path | None = None) -> OvRuntime:
-    """Compile ``path`` (OpenVINO IR or ONNX); ``cache_dir`` defaults to the export's cache/openvino/ov_cache."""
-    return OvRuntime(Path(path), spec, threads, device, cache_dir)
+         cache_dir: Path | None = None, inference_precision: str | None = None,
+         initializers: Mapping[str, np.ndarray] | None = None) -> OvRuntime:
+    """Compile ``path`` (OpenVINO IR or ONNX); ``cache_dir`` defaults to the export's cache/openvino/ov_cache;
+    ``inference_precision`` f32 (default on CPU), bf16 or f16; ``initializers`` (ONNX initializer name ->
+    value) replace the graph's weights of those names."""
+    return OvRuntime(Path(path), spec, threads, device, cache_dir, inference_precision, initializers)
+
+
+def with_weights(path: Path, values: Mapping[str, np.ndarray], spec: ComponentSpec):
+    """The model in ``path`` with the Constants named after these ONNX initializers replaced by ``values``
+    (cast to each Constant's element type; the first axis may differ, e.g. a longer token embedding table).
+
+    The exported ONNX and the IR of `sdrt build` keep the initializer names; int8 builds and builds made
+    before weight overrides existed do not.
+    """
+    model = _core().read_model(str(path))
+    constants = {name: op for op in model.get_ops() if op.get_type_name() == "Constant"
+                 for name in op.output(0).get_names()}
+    missing = sorted(set(values) - set(constants))
+    if missing:
+        raise ModelFolderError(f"{spec.name}: {path} has no weights named {missing[:3]} ({len(missing)} missing), "
+                               f"so LoRAs and weight overrides cannot apply to it: delete {path.parent} and "
+                               "`sdrt build` again (or load with runtime='onnxruntime')")
+    for name, value in values.items():
+        old = constants[name]
+        new = _ov().op.Constant(np.ascontiguousarray(value, dtype=old.get_element_type().to_dtype()))
+        new.set_friendly_name(old.get_friendly_name())
+        old.output(0).replace(new.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def _name(port, tensors) -> str:
@@ -141,6 +181,14 @@ def _loaded_from_cache(compiled) -> bool:
         return False
 
 
+def _inference_precision(compiled) -> str | None:
+    """The precision a compiled model computes in, as OpenVINO names it (f32, bf16, f16); None if unsaid."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except RuntimeError:                # a device without the property (NPU)
+        return None
+
+
 # -- built artifacts ------------------------------------------------------------------------------------
 
 def artifacts(folder: Path, manifest: mf.Manifest, precision: str | None = None) -> dict[str, mf.Component]:
@@ -166,6 +214,9 @@ def artifacts(folder: Path, manifest: mf.Manifest, precision: str | None = None)
 def build(folder: str | Path, options: builds.BuildOptions, progress: bool = True) -> Path:
     """Convert every exported graph to OpenVINO IR in ``folder/cache/openvino/<key>/`` (reused when already
     built), then compile it once for ``options.device`` so that loads find it in OpenVINO's model cache.
+    ``--precision fp16`` stores fp16 weights (``compress_to_fp16``; a CPU still computes in f32 unless loaded
+    with another ``inference_precision``), ``int8`` quantizes (:mod:`sdrt.quantize.openvino`). The precision
+    each component compiled to is read back and recorded in ``build.json`` as ``compiled``.
 
     Returns the entry folder. ``sdrt.load(folder, runtime="openvino")`` runs the newest build.
     """
@@ -199,37 +250,34 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     else:
         builds.touch(entry)
     if int8:
-        _judge(record["quality"], options)
+        from ..quantize.quality import judge
+        judge("openvino", record["quality"], options.min_cosine, options.min_psnr)
+    computes = {}
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
         spec = half(SPECS[comp.spec]) if comp.precision == "fp16" else SPECS[comp.spec]
-        OvRuntime(entry / f"{name}.xml", spec, device=options.device)
+        computes[name] = OvRuntime(entry / f"{name}.xml", spec, device=options.device).inference_precision
+    builds.annotate(entry, "compiled", {"device": options.device, "inference_precision": computes})
     return entry
 
 
-def _judge(report: dict, options: builds.BuildOptions) -> None:
-    from ..quantize.openvino import describe, warning
-    log.info("openvino: %s", describe(report))
-    problem = warning(report, options.min_cosine, options.min_psnr)
-    if problem:
-        log.warning("%s", problem)
-
-
 def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, options: builds.BuildOptions):
-    model = ov.convert_model(str(onnx_path))
+    # read_model keeps every ONNX initializer's name on its Constant, where weight overrides (LoRA) find it;
+    # convert_model's offline passes fold and rename them (int8 keeps its IR, which NNCF quantizes)
+    model = ov.convert_model(str(onnx_path)) if options.precision == "int8" else _core().read_model(str(onnx_path))
     if options.static is not None:
         width, height = options.static
         model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height,
                                                                    options.batch or 1).items()})
-    ov.save_model(model, str(xml), compress_to_fp16=False)     # weights keep the export's precision
+    ov.save_model(model, str(xml), compress_to_fp16=options.precision == "fp16")   # else the export's own
 
 
 def _precision(manifest: mf.Manifest, requested: str | None) -> str:
     own = sorted({c.precision for c in manifest.components.values()})
-    if requested is None or [requested] == own or (requested == "int8" and own == ["fp32"]):
+    if requested is None or [requested] == own or (requested in ("fp16", "int8") and own == ["fp32"]):
         return requested or own[0]
     raise InvalidRequest(f"--precision {requested}: this export is {'/'.join(own)}; OpenVINO builds keep the "
-                         "export's precision or quantize an fp32 export to int8 (fp16 weights from an fp32 "
-                         "export are not implemented yet); export with --fp16 for an fp16 build")
+                         "export's precision, or turn an fp32 export into fp16 weights or int8; re-export "
+                         "without --fp16 for that")
 
 
 def _bar(items, desc: str, enabled: bool):

@@ -57,7 +57,7 @@ def test_every_spec_is_exported(tiny_export):
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_component_parity(source, name, tmp_path):
     files, diffs = ox.export_component(source, name, tmp_path)
-    assert files == [tmp_path / f"{name}.onnx"]
+    assert files == [tmp_path / f"{name}.onnx", tmp_path / f"{name}.weights.json"]
     assert set(diffs) == {t.name for t in SPECS[name].outputs}
     assert all(d <= SPECS[name].atol for d in diffs.values()), diffs
 
@@ -179,7 +179,7 @@ def test_failed_overwrite_keeps_the_old_export(tiny_model_dir, tiny_export, tmp_
 def test_external_data(source, tmp_path, monkeypatch):
     monkeypatch.setattr(ox, "EXTERNAL_DATA_OVER", 1 << 20)     # as if the tiny UNet were > 2 GB
     files, _ = ox.export_component(source, "unet", tmp_path)
-    assert [f.name for f in files] == ["unet.onnx", "unet.onnx_data"]
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx_data", "unet.weights.json"]
     assert files[0].stat().st_size < files[1].stat().st_size
     import onnx
     onnx.checker.check_model(str(files[0]))

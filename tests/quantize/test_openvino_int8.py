@@ -20,6 +20,7 @@ pytest.importorskip("nncf")
 import openvino as ov  # noqa: E402
 
 from sdrt.quantize import openvino as quantize  # noqa: E402
+from sdrt.quantize import quality  # noqa: E402
 from sdrt.quantize.calibration import CalibrationOptions, capture_unet_inputs, read_prompts  # noqa: E402
 from sdrt.runtimes.openvino import CACHE  # noqa: E402
 
@@ -105,10 +106,10 @@ def test_warning_when_below_thresholds(int8_build, caplog):
 
 def test_report_of_identical_pipelines(tiny_export):
     pipe = sdrt.load(tiny_export, runtime="openvino", progress=False)
-    report = quantize.quality_report(pipe, pipe, CalibrationOptions(steps=2, width=64, height=64))
+    report = quality.quality_report(pipe, pipe, CalibrationOptions(steps=2, width=64, height=64))
     assert report["latent_cosine"] == pytest.approx(1.0) and report["psnr_db"] == 100.0
-    assert quantize.warning(report, 0.95, 20.0) is None
-    assert "0.5" in quantize.warning({**report, "latent_cosine": 0.5}, 0.95, 20.0)
+    assert quality.warning(report, 0.95, 20.0) is None
+    assert "0.5" in quality.warning({**report, "latent_cosine": 0.5}, 0.95, 20.0)
 
 
 def test_cache_key_follows_the_calibration(tiny_export, tmp_path):

@@ -153,8 +153,6 @@ def test_option_errors(tiny_export, tmp_path, capsys):
         sdrt.build(tiny_export, BuildOptions(backend="onnxruntime"))
     with pytest.raises(InvalidRequest, match="multiples of 8"):
         sdrt.build(tiny_export, BuildOptions(static=(60, 64)))
-    with pytest.raises(InvalidRequest, match="not implemented yet"):
-        sdrt.build(tiny_export, BuildOptions(precision="fp16"))
     with pytest.raises(InvalidRequest, match="only apply to --precision int8"):
         sdrt.build(tiny_export, BuildOptions(calibration_size=4))
     assert main(["build", str(tiny_export), "--backend", "openvino", "--batch", "2"]) == 2

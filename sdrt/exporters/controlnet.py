@@ -1,0 +1,171 @@
+"""ControlNets: load them (diffusers folder, hub id, single file), export each to ``controlnet/<name>.onnx``
+and the UNet variant that takes their residuals to ``unet_control.onnx``, both parity-checked against torch.
+
+    sdrt export MODEL OUT --controlnet canny=lllyasviel/sd-controlnet-canny --controlnet depth=./cn-depth
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from diffusers import ControlNetModel
+from torch import nn
+
+from .. import specs
+from ..errors import ExportError
+from ..manifest import Component
+from .onnx import dims, export_onnx, parity
+from .weight_map import write_weight_map
+from .sources import HUB_ID, LOAD_ERRORS, SINGLE_FILE_SUFFIXES, Source, _first_line, _library_progress
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[\w.-]+$")
+Layout = tuple[tuple[int, int], ...]
+
+
+def parse(argument: str) -> tuple[str, str]:
+    """``[NAME=]MODEL`` -> (name, model); the name defaults to MODEL's last path component (no suffix)."""
+    name, sep, model = argument.partition("=")
+    if not sep or not NAME.match(name):
+        name, model = "", argument
+    name = name or Path(model.rstrip("/\\")).name
+    if Path(name).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        name = Path(name).stem
+    if not model or not NAME.match(name):
+        raise ExportError(f"--controlnet {argument!r}: give [NAME=]MODEL, NAME made of letters, digits, '.', "
+                          "'_' or '-' (e.g. canny=lllyasviel/sd-controlnet-canny)")
+    return name, model
+
+
+def residual_layout(config) -> Layout:
+    """(channels, latent downsampling) of every down-block residual, then of the mid-block one.
+
+    The order of diffusers' ``down_block_res_samples``: conv_in, then per down block its resnets and its
+    downsampler (the last block has none).
+    """
+    channels = list(config.block_out_channels)
+    per_block = config.layers_per_block
+    per_block = [per_block] * len(channels) if isinstance(per_block, int) else list(per_block)
+    layout = [(channels[0], 1)]
+    for i, (c, n) in enumerate(zip(channels, per_block)):
+        layout += [(c, 2 ** i)] * n
+        if i < len(channels) - 1:
+            layout.append((c, 2 ** (i + 1)))
+    return tuple(layout + [(channels[-1], 2 ** (len(channels) - 1))])
+
+
+def load_controlnets(arguments: tuple[str, ...], model: Source, progress: bool = True) -> dict[str, nn.Module]:
+    """Load every ``[NAME=]MODEL`` ControlNet and check that it fits ``model``'s UNet."""
+    named = [parse(a) for a in arguments]
+    names = [name for name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ExportError(f"--controlnet: the name {twice[0]!r} is given twice; name them NAME=MODEL")
+    with _library_progress(progress):
+        return {name: _checked(name, _load(where, model), model) for name, where in named}
+
+
+def _load(where: str, model: Source) -> ControlNetModel:
+    path = Path(where).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ExportError(f"{path} is a folder but not a diffusers ControlNet (no config.json)")
+            return ControlNetModel.from_pretrained(str(path), local_files_only=True)
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if not path.is_file():
+                raise ExportError(f"{path}: no such ControlNet checkpoint file")
+            return _from_single_file(path, model)
+        if path.exists() or not HUB_ID.match(where):
+            raise ExportError(f"{where}: not a ControlNet; pass a diffusers ControlNet folder (with "
+                              f"config.json), a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint or a hub id")
+        return ControlNetModel.from_pretrained(where)
+    except LOAD_ERRORS as e:
+        raise ExportError(f"{where}: could not load the ControlNet ({_first_line(e)}); check that it is a "
+                          "ControlNet for this base model (a diffusers folder, hub id or checkpoint)") from None
+
+
+def _from_single_file(path: Path, model: Source) -> ControlNetModel:
+    """An A1111-style ControlNet checkpoint, with the config derived from the base model's UNet (offline).
+
+    ControlNets copy the encoder half of the UNet they were trained on and take 4-channel latents.
+    """
+    derived = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
+    with tempfile.TemporaryDirectory(prefix="sdrt-controlnet-") as tmp:
+        derived.save_config(tmp)
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()),
+                                      "in_channels": model.vae.config.latent_channels}))
+        return ControlNetModel.from_single_file(str(path), config=tmp, local_files_only=True)
+
+
+def _checked(name: str, net: ControlNetModel, model: Source) -> ControlNetModel:
+    """Reject a ControlNet whose residuals or text width do not match the UNet (e.g. SD 2.x on SD 1.x)."""
+    cfg, unet = net.config, model.unet.config
+    facts = [("residuals", residual_layout(cfg), residual_layout(unet)),
+             ("cross_attention_dim", cfg.cross_attention_dim, unet.cross_attention_dim),
+             ("latent channels", cfg.in_channels, model.vae.config.latent_channels)]
+    wrong = [f"{what} {mine} vs {theirs}" for what, mine, theirs in facts if mine != theirs]
+    if wrong:
+        raise ExportError(f"ControlNet {name!r} does not fit {model.name}: {'; '.join(wrong)}; "
+                          "use a ControlNet trained for this base model (SD 1.x or 2.x)")
+    return net.float().eval().requires_grad_(False)
+
+
+class ControlNet(nn.Module):
+    """sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale -> the residuals."""
+
+    def __init__(self, controlnet: ControlNetModel):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    conditioning_scale=conditioning_scale, return_dict=False)
+        return (*down, mid)
+
+
+class UnetControl(nn.Module):
+    """The UNet with ControlNet residuals added to its down-block outputs and its mid block."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.unet = source.unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=residuals[:-1],
+                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+
+
+def export_control(model: Source, nets: dict[str, nn.Module], folder: Path, *, opset: int = 17,
+                   fp16: bool = False, check_parity: bool = True) -> tuple[Component, dict[str, Component]]:
+    """Write ``unet_control.onnx`` and ``controlnet/<name>.onnx`` for each of ``nets`` into ``folder``."""
+    layout = residual_layout(model.unet.config)
+    precision = "fp16" if fp16 else "fp32"
+    unet = UnetControl(model)
+    _export(unet, specs.unet_control(layout), model, folder / "unet_control.onnx", opset, fp16, check_parity)
+    write_weight_map(unet, folder / "unet_control.onnx", "unet_control", fp16)     # for LoRAs, as unet.onnx has
+    (folder / "controlnet").mkdir()
+    components = {}
+    for name, net in nets.items():
+        file = f"controlnet/{name}.onnx"
+        _export(ControlNet(net), specs.controlnet(layout), model, folder / file, opset, fp16, check_parity)
+        components[name] = Component(spec="controlnet", file=file, precision=precision)
+    return Component(spec="unet_control", file="unet_control.onnx", precision=precision), components
+
+
+def _export(module: nn.Module, spec: specs.ComponentSpec, model: Source, path: Path, opset: int, fp16: bool,
+            check_parity: bool) -> None:
+    """Trace like ``export_component``; the parity check also sees a two-chunk (154-token) prompt."""
+    module = module.eval()
+    rng = np.random.default_rng(0)
+    export_onnx(module, spec, path, spec.sample(rng, **dims(model, "trace")), opset, fp16)
+    if check_parity:
+        feeds = spec.sample(rng, **dict(dims(model, "check"), S=2 * specs.CLIP_LENGTH))
+        diffs = parity(module, specs.half(spec) if fp16 else spec, path, feeds)
+        log.info("%s parity: %s", path.name, ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
