@@ -72,17 +72,26 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
     tokenizer = ClipTokenizer(folder / "tokenizer", arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
     models = Models(name=Path(manifest.source.rstrip("/")).stem or folder.name, arch=arch,
                     scheduler_config=json.loads((folder / "scheduler.json").read_text()),
-                    tokenizer=tokenizer, control=_control(manifest, load_one, loaded.get("unet")), **loaded)
-    weights = WeightOverrides(folder, {name: manifest.components[name].file for name in components},
-                              {name: comp.precision for name, comp in components.items()},
-                              lambda name, values: load_one(components[name], SPECS[components[name].spec], values),
-                              models.name, lora_dir)
+                    tokenizer=tokenizer, control=_control(manifest, load_one), **loaded)
+
+    def reload(name: str, values):
+        if name == "unet_control":
+            return models.control.reload_unet(values)
+        return load_one(components[name], SPECS[components[name].spec], values)
+
+    graphs = {name: manifest.components[name].file for name in components}
+    precisions = {name: comp.precision for name, comp in components.items()}
+    if models.control is not None:          # the UNet taking ControlNet residuals follows the UNet's weights
+        graphs["unet_control"] = manifest.unet_control.file
+        precisions["unet_control"] = manifest.unet_control.precision
+    weights = WeightOverrides(folder, graphs, precisions, reload, models.name, lora_dir,
+                              twins={"unet_control": "unet"})
     return StableDiffusion(models, progress=progress, weights=weights)
 
 
-def _control(manifest: mf.Manifest, load_one, unet) -> ControlModels | None:
+def _control(manifest: mf.Manifest, load_one) -> ControlModels | None:
     """The export's ControlNets and residual UNet, loaded (ONNX files, on any backend) only when used."""
     if not manifest.controlnets:
         return None
     layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
-    return ControlModels(manifest.controlnets, manifest.unet_control, layout, load_one, unet)
+    return ControlModels(manifest.controlnets, manifest.unet_control, layout, load_one)

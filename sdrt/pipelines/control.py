@@ -179,12 +179,13 @@ def _resample(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 @dataclass
 class ControlModels:
     """The export's ControlNets and the UNet taking their residuals, each loaded on its first use, so plain
-    generation never loads them. ``load(component, spec)`` is the loader's (backend, threads, precision)."""
+    generation never loads them. ``load(component, spec, initializers)`` is the loader's (backend, threads,
+    precision). The residual UNet runs with ``initializers``: the UNet's LoRAs and weight overrides."""
     controlnets: dict[str, Any]                 # name -> manifest Component
     unet_control: Any                           # manifest Component of unet_control.onnx
     layout: tuple[tuple[int, int], ...]         # (channels, downsampling) of every residual
-    load: Callable[[Any, specs.ComponentSpec], Runtime]
-    exported_unet: Runtime | None = None        # the UNet runtime as loaded: the weights unet_control also has
+    load: Callable[..., Runtime]
+    initializers: dict[str, np.ndarray] | None = None     # unet_control's merged weights; None: as exported
     loaded: dict[str, Runtime] = field(default_factory=dict)
 
     def controlnet(self, name: str) -> Runtime:
@@ -193,11 +194,18 @@ class ControlModels:
         return self._get(f"controlnet/{name}", self.controlnets[name], specs.controlnet(self.layout))
 
     def unet(self) -> Runtime:
-        return self._get("unet_control", self.unet_control, specs.unet_control(self.layout))
+        return self._get("unet_control", self.unet_control, specs.unet_control(self.layout), self.initializers)
 
-    def _get(self, key: str, component, spec: specs.ComponentSpec) -> Runtime:
+    def reload_unet(self, initializers: dict[str, np.ndarray] | None) -> Runtime | None:
+        """Run the residual UNet with these weights from now on (now if it is loaded, else on first use)."""
+        self.initializers = initializers
+        if self.loaded.pop("unet_control", None) is None:
+            return None
+        return self.unet()
+
+    def _get(self, key: str, component, spec: specs.ComponentSpec, initializers=None) -> Runtime:
         if key not in self.loaded:
-            self.loaded[key] = self.load(component, spec)
+            self.loaded[key] = self.load(component, spec, initializers)
         return self.loaded[key]
 
 
@@ -231,9 +239,6 @@ def controlled_unet(models, req, plan) -> Runtime:
     if models.control is None:
         raise InvalidRequest("this export has no ControlNet; export one with "
                              "`sdrt export MODEL OUT --controlnet NAME=CONTROLNET`")
-    if models.unet is not models.control.exported_unet:
-        raise InvalidRequest("ControlNet runs the UNet with its exported weights, but this pipeline has run "
-                             "LoRAs or UNet weight overrides; load the export again to use ControlNet")
     n = len(models.control.layout)
     soft = np.logspace(-1, 0, n).astype(np.float32)
     ready = [Unit(models.control.controlnet(u.model), control_map(u, req.width, req.height), float(u.scale),

@@ -293,9 +293,10 @@ class StableDiffusion:
             raise InvalidRequest("this pipeline was assembled without weight overrides; load it with sdrt.load")
         return self.weights
 
-    def _use(self, runtimes: dict[str, Runtime]) -> None:
+    def _use(self, runtimes: dict[str, Runtime | None]) -> None:
         for name, runtime in runtimes.items():
-            setattr(self.models, name, runtime)
+            if hasattr(self.models, name):       # not the ControlNet UNet: ControlModels holds it
+                setattr(self.models, name, runtime)
 
     # -- shared steps -------------------------------------------------------------------------------
 

@@ -41,11 +41,14 @@ class WeightOverrides:
         reload: makes a component's runtime with some initializers replaced.
         model: the model's name, for error messages.
         lora_dir: where LoRA names are looked up (``<name>.safetensors``, subfolders too).
+        twins: graph -> the component whose weights it shares and follows (``unet_control``, the UNet taking
+            ControlNet residuals, follows ``unet``: same LoRAs, same values).
     """
 
     def __init__(self, folder: Path, graphs: dict[str, str], precisions: dict[str, str], reload: Reload,
-                 model: str, lora_dir: Path | None = None):
+                 model: str, lora_dir: Path | None = None, twins: dict[str, str] | None = None):
         self.folder, self.graphs, self.precisions, self.reload = Path(folder), graphs, precisions, reload
+        self.twins = twins or {}
         self.model, self.lora_dir = model, None if lora_dir is None else Path(lora_dir)
         self.loras: list[Applied] = []
         self.values: dict[str, dict[str, np.ndarray]] = {}      # component -> parameter -> value
@@ -69,8 +72,9 @@ class WeightOverrides:
         """Run ``component`` with these parameter values (torch names and layout) instead of the exported
         ones; the token embedding table may be longer (new tokens). Replaces the previous values of
         ``component``; an empty mapping restores the export's. Returns the components reloaded."""
-        if component not in self.graphs:
-            raise InvalidRequest(f"no component {component!r}; this export has {sorted(self.graphs)}")
+        if component not in self.graphs or component in self.twins:
+            raise InvalidRequest(f"no component {component!r}; this export has "
+                                 f"{sorted(set(self.graphs) - set(self.twins))}")
         entries = self._map(component) if values else {}
         checked = {}
         for name, value in values.items():
@@ -124,18 +128,19 @@ class WeightOverrides:
 
     def _recipe(self, component: str) -> tuple:
         """What determines a component's merged weights (LoRA files and weights, explicit values)."""
+        source = self.twins.get(component, component)
         loras = tuple((a.lora.path, self._read[a.lora.path][0], a.weight) for a in self.loras
-                      if a.weight and any(c == component for c, _ in a.modules))
-        values = self.values.get(component)
+                      if a.weight and any(c == source for c, _ in a.modules))
+        values = self.values.get(source)
         return loras + ((tuple((k, id(v)) for k, v in sorted(values.items())),) if values else ())
 
     def _merged(self, component: str) -> dict[str, np.ndarray]:
         """Initializer name -> merged value, for every parameter of ``component`` that is not as exported."""
-        entries = self._map(component)
-        merged = {p: v.astype(np.float32) for p, v in self.values.get(component, {}).items()}
+        entries, source = self._map(component), self.twins.get(component, component)
+        merged = {p: v.astype(np.float32) for p, v in self.values.get(source, {}).items()}
         for a in self.loras:
             for (c, param), module in a.modules.items():
-                if c != component or not a.weight:
+                if c != source or not a.weight:
                     continue
                 base = merged[param] if param in merged else self._original(component, param).astype(np.float32)
                 if base.shape != entries[param].shape:

@@ -102,9 +102,10 @@ def base_pipeline(model_dir):
                                                              requires_safety_checker=False)
 
 
-def reference(model_dir, pipeline_cls, nets, sampler, seed, batch_size=1, steps=STEPS, **kwargs) -> np.ndarray:
+def reference(model_dir, pipeline_cls, nets, sampler, seed, batch_size=1, steps=STEPS, base=None,
+              **kwargs) -> np.ndarray:
     net = nets[0] if len(nets) == 1 else nets
-    pipe = getattr(diffusers, pipeline_cls).from_pipe(base_pipeline(model_dir), controlnet=net)
+    pipe = getattr(diffusers, pipeline_cls).from_pipe(base or base_pipeline(model_dir), controlnet=net)
     cls, extra = samplers.DIFFUSERS_EQUIVALENT[sampler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -412,13 +413,28 @@ def test_bad_requests(pipe, tiny_export):
         plain.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, control=[unit])
 
 
-def test_controlnet_refuses_changed_unet_weights(control_export):
-    """unet_control.onnx holds the exported UNet weights: a LoRA'd UNet must not be mixed with it silently."""
+def test_controlnet_with_a_lora_matches_diffusers(control_export, tiny_model_dir, diffusers_nets, control_images,
+                                                  tmp_path):
+    """The residual UNet follows the UNet's LoRAs: with start 0.4 the first evaluations run the plain UNet,
+    the later ones the residual UNet, and both must carry the LoRA to match diffusers."""
+    pytest.importorskip("peft")
+    from tests.test_lora import kohya_lora
+    base = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                             requires_safety_checker=False)
+    kohya_lora(tmp_path / "fox.safetensors", base, seed=1, rank=4, alpha=2.0)
+    base.load_lora_weights(str(tmp_path / "fox.safetensors"), adapter_name="fox")
+    base.set_adapters(["fox"], adapter_weights=[0.9])
     p = sdrt.load(control_export, runtime=RUNTIME, progress=False)
-    p.override_weights("unet", {"conv_in.weight": np.zeros((32, 4, 3, 3), np.float32)})
-    unit = Control(image=np.zeros((SIZE, SIZE, 3), np.uint8), model="canny")
-    with pytest.raises(InvalidRequest, match="LoRAs or UNet weight overrides"):
-        p.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, control=[unit])
+    unit = Control(image=control_images["canny"], model="canny", start=0.4)
+    generate(p, [unit], steps=2)                              # the residual UNet is loaded before the LoRA
+    p.set_loras([(tmp_path / "fox.safetensors", 0.9)])
+    ours = generate(p, [unit])
+    theirs = reference(tiny_model_dir, "StableDiffusionControlNetPipeline", [diffusers_nets["canny"]], "Euler a", 3,
+                       base=base, image=control_images["canny"], control_guidance_start=0.4)
+    compare("controlnet[with LoRA]", ours, theirs)
+    without = reference(tiny_model_dir, "StableDiffusionControlNetPipeline", [diffusers_nets["canny"]], "Euler a",
+                        3, image=control_images["canny"], control_guidance_start=0.4)
+    assert np.abs(pixels(ours) - without).max() > 8             # the LoRA matters here
 
 
 # -- command line ----------------------------------------------------------------------------------------
