@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]MODEL",
                    help="also export this ControlNet (folder, hub id or single file) as NAME (repeatable; "
                         "NAME defaults to MODEL's last path component)")
+    e.add_argument("--tiling", action="store_true",
+                   help="also export circular-padded UNet and VAE graphs for seamless tiling (generate --tiling)")
     e.set_defaults(run=_export)
 
     b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, ONNX Runtime int8), cached "
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--emphasis", default="Original", choices=["Original", "No norm", "Ignore", "None"],
                    help="how (word:1.2) weights apply (A1111's option)")
     g.add_argument("--tiled-vae", action="store_true", help="VAE in overlapping tiles: bounded memory at large sizes")
+    g.add_argument("--tiling", action="store_true", help="seamless tiling: opposite edges join (export with --tiling)")
     h = g.add_argument_group("hires fix (txt2img: generate, upscale, img2img at the larger size)")
     h.add_argument("--hires-scale", type=float, help="enable it, with this upscale factor (e.g. 2)")
     h.add_argument("--hires-upscaler", default="Latent", help='A1111 name: "Latent", "Latent (nearest)", '
@@ -130,6 +133,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=128)
     d.set_defaults(run=_demo)
 
+    v = sub.add_parser("serve", help="AUTOMATIC1111-compatible HTTP API (/sdapi/v1) over one or more exports")
+    v.add_argument("models", type=Path, nargs="+", metavar="OUT", help="exported folders (the first is the default "
+                   "checkpoint; clients switch with sd_model_checkpoint)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=7860)
+    v.add_argument("--api-auth", type=_credentials, metavar="USER:PASS[,USER:PASS]", help="require HTTP Basic auth")
+    v.add_argument("--runtime", default="auto")
+    v.add_argument("--lora-dir", type=Path, help="LoRA folder for <lora:name:weight> in prompts")
+    v.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (A1111's embeddings folder)")
+    v.add_argument("--queue-size", type=int, default=32, help="requests that may wait; more get 503 (default 32)")
+    v.add_argument("--outdir", type=Path, help="where requests with save_images write their PNGs")
+    v.add_argument("--max-pixels", type=int, default=2048 * 2048, help="max width*height per image")
+    v.add_argument("--max-steps", type=int, default=150)
+    v.add_argument("--max-images", type=int, default=16, help="max batch_size*n_iter per request")
+    v.add_argument("--max-body-mb", type=float, default=64, help="max request body size")
+    v.set_defaults(run=_serve)
+
     from .benchmark import add_parser as add_bench      # numpy-only module; peers load in subprocesses
     add_bench(sub)
     return p
@@ -138,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> int:
     from .exporters import ExportOptions, export
     options = ExportOptions(opset=args.opset, fp16=args.fp16, check_parity=not args.no_parity,
-                            overwrite=args.overwrite, config=args.config, controlnets=tuple(args.controlnet))
+                            overwrite=args.overwrite, config=args.config, controlnets=tuple(args.controlnet),
+                            tiling=args.tiling)
     manifest = export(args.model, args.out, options)
     nets = f"; ControlNets: {', '.join(manifest.controlnets)}" if manifest.controlnets else ""
     print(f"exported {args.model} -> {args.out} ({', '.join(manifest.components)}{nets})")
@@ -188,7 +209,8 @@ def _generate(args) -> int:
         pipe.set_loras(args.lora)
     kw = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
               sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
-              rng=args.rng, clip_skip=args.clip_skip, emphasis=args.emphasis, tiled_vae=args.tiled_vae)
+              rng=args.rng, clip_skip=args.clip_skip, emphasis=args.emphasis, tiled_vae=args.tiled_vae,
+              tiling=args.tiling)
     kw |= {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
     if args.latents:
         kw["latents"] = np.load(args.latents)
@@ -235,6 +257,32 @@ def _controls(args) -> list:
     return [Control(image=open_image(image), model=name,
                     **{k: v[i if len(v) > 1 else 0] for k, v in values.items() if v})
             for i, (image, name) in enumerate(zip(args.control_image, args.controlnet))]
+
+
+def _serve(args) -> int:
+    try:
+        from .server import Limits, ServerOptions, serve
+    except ImportError as e:
+        raise InvalidRequest(f"sdrt serve needs the server extra ({e.name} is missing): "
+                             "pip install 'sdrt[server]'") from None
+    if args.queue_size < 1:
+        raise InvalidRequest(f"--queue-size must be >= 1, not {args.queue_size}")
+    if args.outdir:
+        args.outdir.mkdir(parents=True, exist_ok=True)
+    limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
+                    max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    serve(ServerOptions(folders=tuple(args.models), host=args.host, port=args.port, auth=args.api_auth or (),
+                        runtime=args.runtime, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                        queue_size=args.queue_size, limits=limits, outdir=args.outdir))
+    return 0
+
+
+def _credentials(text: str) -> tuple[tuple[str, str], ...]:
+    """argparse type for USER:PASS[,USER:PASS] (A1111's --api-auth)."""
+    pairs = [item.partition(":") for item in text.split(",")]
+    if any(not user or not sep for user, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected USER:PASS[,USER:PASS], not {text!r}")
+    return tuple((user, password) for user, _, password in pairs)
 
 
 def _lora(text: str) -> tuple[str, float]:

@@ -9,13 +9,14 @@ from . import manifest as mf
 from . import runtimes
 from .errors import InvalidRequest, ModelFolderError
 from .pipelines.control import ControlModels
-from .pipelines.pipeline import Models, StableDiffusion
+from .pipelines.pipeline import Models, StableDiffusion, Variants
 from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
 from .specs import SPECS, half
 from .weights.overrides import WeightOverrides
 
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+TILING = "_tiling"          # suffix of a component's seamless-tiling graph, for WeightOverrides
 
 
 def load(folder: str | Path, runtime: str = "auto", precision: str | None = None, threads: int = 0,
@@ -72,20 +73,26 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
     tokenizer = ClipTokenizer(folder / "tokenizer", arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
     models = Models(name=Path(manifest.source.rstrip("/")).stem or folder.name, arch=arch,
                     scheduler_config=json.loads((folder / "scheduler.json").read_text()),
-                    tokenizer=tokenizer, control=_control(manifest, load_one), **loaded)
+                    tokenizer=tokenizer, control=_control(manifest, load_one),
+                    tiling=Variants(manifest.tiling, load_one) if manifest.tiling else None, **loaded)
 
     def reload(name: str, values):
         if name == "unet_control":
             return models.control.reload_unet(values)
+        if name.endswith(TILING):
+            return models.tiling.reload(name.removesuffix(TILING), values)
         return load_one(components[name], SPECS[components[name].spec], values)
 
+    # graphs that stand for a component follow its LoRAs and weight overrides: the UNet taking ControlNet
+    # residuals, and the seamless-tiling graphs
+    twins = {"unet_control": "unet"} if models.control is not None else {}
+    twins |= {name + TILING: name for name in manifest.tiling}
+    extra = {"unet_control": manifest.unet_control, **{name + TILING: c for name, c in manifest.tiling.items()}}
     graphs = {name: manifest.components[name].file for name in components}
     precisions = {name: comp.precision for name, comp in components.items()}
-    if models.control is not None:          # the UNet taking ControlNet residuals follows the UNet's weights
-        graphs["unet_control"] = manifest.unet_control.file
-        precisions["unet_control"] = manifest.unet_control.precision
-    weights = WeightOverrides(folder, graphs, precisions, reload, models.name, lora_dir,
-                              twins={"unet_control": "unet"})
+    graphs |= {name: extra[name].file for name in twins}
+    precisions |= {name: extra[name].precision for name in twins}
+    weights = WeightOverrides(folder, graphs, precisions, reload, models.name, lora_dir, twins=twins)
     return StableDiffusion(models, progress=progress, weights=weights)
 
 

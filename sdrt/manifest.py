@@ -35,6 +35,7 @@ class Manifest:
     # exported ControlNets (name -> graph) and the UNet taking their residuals; loaded only when used
     controlnets: dict[str, Component] = field(default_factory=dict)
     unet_control: Component | None = None
+    tiling: dict[str, Component] = field(default_factory=dict)    # component -> its seamless-tiling graph
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -66,6 +67,7 @@ def read(folder: str | os.PathLike, verify: bool = True) -> Manifest:
         raw["components"] = {k: Component(**v) for k, v in raw["components"].items()}
         raw["controlnets"] = {k: Component(**v) for k, v in raw.get("controlnets", {}).items()}
         raw["unet_control"] = Component(**raw["unet_control"]) if raw.get("unet_control") else None
+        raw["tiling"] = {k: Component(**v) for k, v in raw.get("tiling", {}).items()}
         manifest = Manifest(**raw)
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFolderError(f"{path} is not a valid sdrt manifest ({e}); re-export the model") from None

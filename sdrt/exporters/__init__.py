@@ -20,12 +20,14 @@ from ..errors import ExportError
 from ..manifest import MANIFEST, Component, Manifest, sha256, write
 from ..specs import CLIP_LENGTH, VAE_FACTOR
 from .controlnet import export_control, load_controlnets, residual_layout
-from .onnx import WRAPPERS, export_component
+from .onnx import WRAPPERS, circular_padding, export_component
 from .sources import Source, load_source
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportOptions", "export"]
+
+TILING = ("unet", "vae_encoder", "vae_decoder")     # the graphs seamless tiling replaces
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ExportOptions:
     overwrite: bool = False         # replace a non-empty OUT
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
     controlnets: tuple[str, ...] = ()   # "[NAME=]MODEL" each: exported to controlnet/NAME.onnx
+    tiling: bool = False            # also the seamless-tiling graphs (circular padding): <name>_tiling.onnx
 
 
 def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
@@ -93,12 +96,20 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
         architecture["control_residuals"] = [list(r) for r in residual_layout(model.unet.config)]
         unet_control, nets = export_control(model, controlnets, folder, opset=options.opset, fp16=options.fp16,
                                             check_parity=options.check_parity)
+    tiling = {}
+    if options.tiling:
+        with circular_padding(model.unet, model.vae):
+            for name in TILING:
+                stem = f"{name}_tiling"
+                export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
+                                 check_parity=options.check_parity, stem=stem)
+                tiling[name] = Component(spec=name, file=f"{stem}.onnx", precision=precision)
     (folder / "scheduler.json").write_text(json.dumps(model.scheduler_config, indent=2, sort_keys=True))
     save_tokenizer(model, folder / "tokenizer")
     files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     manifest = Manifest(source=model.name, architecture=architecture, components=components, files=files,
                         sdrt_version=getattr(sys.modules.get("sdrt"), "__version__", ""),
-                        controlnets=nets, unet_control=unet_control)
+                        controlnets=nets, unet_control=unet_control, tiling=tiling)
     write(folder, manifest)
     return manifest
 

@@ -5,6 +5,7 @@ outputs in order, so tracing, dynamic axes and the parity check all read names f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import warnings
@@ -104,17 +105,17 @@ def check_dims(source: Source, name: str) -> dict[str, int]:
 
 
 def export_component(source: Source, name: str, folder: Path, *, opset: int = 17, fp16: bool = False,
-                     check_parity: bool = True) -> tuple[list[Path], dict[str, float]]:
-    """Export component ``name`` of ``source`` to ``folder/<name>.onnx`` and check it against torch.
+                     check_parity: bool = True, stem: str | None = None) -> tuple[list[Path], dict[str, float]]:
+    """Export component ``name`` of ``source`` to ``folder/<stem or name>.onnx`` and check it against torch.
 
     Returns the files written (graph, external data when large, weight map) and the max diff of every output.
     """
     spec = SPECS[name]
     module = WRAPPERS[name](source).eval()
-    path = folder / f"{name}.onnx"
+    path = folder / f"{stem or name}.onnx"
     rng = np.random.default_rng(0)
     files = export_onnx(module, spec, path, spec.sample(rng, **dims(source, "trace")), opset, fp16)
-    files.append(write_weight_map(module, path, name, fp16))
+    files.append(write_weight_map(module, path, stem or name, fp16))
     diffs = {}
     if check_parity:
         feeds = spec.sample(rng, **check_dims(source, name))
@@ -262,3 +263,18 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                           "try another --opset or report the model") from None
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+@contextlib.contextmanager
+def circular_padding(*modules: nn.Module):
+    """Every padded Conv2d of ``modules`` pads by wrapping around while inside (A1111's seamless tiling, which
+    sets ``padding_mode = "circular"`` the same way); the exporter emits the wrap as Slice + Concat."""
+    convs = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.Conv2d) and any(m.padding) and m.padding_mode == "zeros"]
+    for conv in convs:
+        conv.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv.padding_mode = "zeros"

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
-from ..specs import VAE_FACTOR
+from ..specs import SPECS, VAE_FACTOR
 from ..weights.overrides import WeightOverrides
 from . import images, prompts, resize, samplers, schedules
 from .conditioning import Conditioning, TextEncoder, TextOptions
@@ -42,6 +43,28 @@ class Models:
     vae_decoder: Runtime
     vae_encoder: Runtime | None = None
     control: ControlModels | None = None      # the export's ControlNets, loaded on first use
+    tiling: Variants | None = None            # seamless-tiling (circular) UNet and VAE, loaded on first use
+
+
+@dataclass
+class Variants:
+    """Other graphs of some components (seamless tiling's circular-padded UNet and VAE), each loaded on first
+    use with the weights its component runs (its LoRAs and overrides: ``reload``)."""
+    components: dict[str, Any]                  # component -> manifest Component of its variant graph
+    load: Callable[..., Runtime]                # (manifest Component, spec, initializers) -> Runtime
+    initializers: dict[str, dict | None] = field(default_factory=dict)
+    loaded: dict[str, Runtime] = field(default_factory=dict)
+
+    def get(self, name: str) -> Runtime:
+        if name not in self.loaded:
+            component = self.components[name]
+            self.loaded[name] = self.load(component, SPECS[component.spec], self.initializers.get(name))
+        return self.loaded[name]
+
+    def reload(self, name: str, initializers: dict | None) -> Runtime | None:
+        """Use these weights from now on (now if loaded, else on first use)."""
+        self.initializers[name] = initializers
+        return self.get(name) if self.loaded.pop(name, None) is not None else None
 
 
 @dataclass
@@ -87,6 +110,8 @@ class Request:
     comma_padding_backtrack: int = 20     # long prompts: tokens moved to the next chunk at a comma
     control: list[Control] = ()           # ControlNet units (sdrt.Control)
     tiled_vae: bool = False               # VAE in overlapping tiles: bounded memory for large images
+    tiling: bool = False                  # seamless tiling: an image whose opposite edges join (A1111's Tiling)
+    callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
 
     @property
     def text_options(self) -> TextOptions:
@@ -199,13 +224,13 @@ class StableDiffusion:
         else:
             size = (second.width, second.height)
             pixels = np.concatenate([images.to_array(pic.resize(size, how), *size)
-                                     for pic in self._decode(latents, req.tiled_vae)])
+                                     for pic in self._decode(latents, req)])
 
         def second_start(gens, plan):        # fresh generators of the same seeds, as A1111's second pass
-            x0 = upscaled if kind == "latent" else self._encode(pixels, gens, second.tiled_vae)
+            x0 = upscaled if kind == "latent" else self._encode(pixels, gens, second)
             return Start(x0 + plan.sigmas[0] * self._noise(second, gens))
         latents, plan = self._sample(second, second_start)
-        pics = self._decode(latents, second.tiled_vae)
+        pics = self._decode(latents, second)
         return self._result(req, "txt2img", plan, pics, self._timings(spent, began), hires.infotext(second))
 
     def outpaint(self, image: Image.Image, prompt: str, left: int = 0, right: int = 0, top: int = 0,
@@ -231,7 +256,7 @@ class StableDiffusion:
         pixels = images.to_array(image, req.width, req.height)
 
         def start(gens, plan):
-            x0 = self._encode(pixels, gens, req.tiled_vae)
+            x0 = self._encode(pixels, gens, req)
             return Start(x0 + plan.sigmas[0] * self._noise(req, gens))
         return self._generate(req, "img2img", start)
 
@@ -250,10 +275,10 @@ class StableDiffusion:
         """diffusers' order of draws: image latents (4-ch or strength < 1), noise, masked-image latents."""
         nine = self.models.arch.get("unet_in_channels", 4) == 9
         full = req.strength == 1.0
-        x0 = self._encode(pixels, gens, req.tiled_vae) if (not nine or not full) else None
+        x0 = self._encode(pixels, gens, req) if (not nine or not full) else None
         noise = self._noise(req, gens)
         x = noise * plan.init_sigma if full else x0 + plan.sigmas[0] * noise
-        masked_latents = self._encode(pixels * (mask < 0.5), gens, req.tiled_vae)
+        masked_latents = self._encode(pixels * (mask < 0.5), gens, req)
         m = mask[:, :, ::self.factor, ::self.factor]   # nearest-neighbour downscale, as torch's interpolate
         if nine:
             return Start(x, concat=np.concatenate([np.repeat(m, len(x), 0), masked_latents], axis=1))
@@ -315,30 +340,39 @@ class StableDiffusion:
         """Sample, decode, and describe the result."""
         began, spent = time.perf_counter(), _spent(self.models)
         latents, plan = self._sample(req, prepare)
-        pics = self._decode(latents, req.tiled_vae)
+        pics = self._decode(latents, req)
         return self._result(req, task, plan, pics, self._timings(spent, began))
 
-    def _timings(self, spent: dict[str, float], began: float) -> dict[str, float]:
-        timings = {k: v - spent.get(k, 0.0) for k, v in _spent(self.models).items()}
+    def _timings(self, spent: weakref.WeakKeyDictionary, began: float) -> dict[str, float]:
+        """Seconds per component since ``spent`` was taken, counting runtimes loaded or replaced meanwhile
+        (LoRA switches, ControlNets, tiling graphs) from zero."""
+        timings: dict[str, float] = {}
+        for name, runtime in _runtimes(self.models):
+            timings[name] = timings.get(name, 0.0) + runtime.seconds - spent.get(runtime, 0.0)
         timings["total"] = time.perf_counter() - began
         return timings
 
     def _sample(self, req: Request, prepare: Callable) -> tuple[np.ndarray, samplers.SamplingPlan]:
         """Plan the schedule, encode the prompts, prepare the start, run the sampler: final VP latents."""
-        m = self.models
-        plan = samplers.plan(req.sampler, req.steps, m.scheduler_config, strength=req.strength,
+        plan = samplers.plan(req.sampler, req.steps, self.models.scheduler_config, strength=req.strength,
                              scheduler=req.scheduler)
         gens = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
         cond = self._conditioning(req)                  # may switch LoRAs, i.e. the UNet runtime
+        m = self._models(req)
         unet = controlled_unet(m, req, plan) if req.control else m.unet
         start = prepare(gens, plan)
         d = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
                           start.concat)
         d = d if cond.plain else guided(d, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
-        with _progress(len(plan.sigmas) - 1, self.progress) as bar:
-            x = plan.run(d, start.x.astype(np.float32), noise=lambda: _draw(gens, start.x.shape),
-                         callback=lambda i, x, denoised: bar.update(1))
+        total = len(plan.sigmas) - 1
+
+        def step(i, x, denoised):
+            bar.update(1)
+            if req.callback is not None:
+                req.callback(i + 1, total)
+        with _progress(total, self.progress) as bar:
+            x = plan.run(d, start.x.astype(np.float32), noise=lambda: _draw(gens, start.x.shape), callback=step)
         latents = (x / np.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).astype(np.float32)
         return (start.finish(latents) if start.finish else latents), plan
 
@@ -372,28 +406,42 @@ class StableDiffusion:
             raise InvalidRequest(f"latents have shape {latents.shape}, expected {shape}")
         return latents
 
-    def _encode(self, pixels: np.ndarray, gens, tiled_vae: bool = False) -> np.ndarray:
+    def _models(self, req: Request) -> Models:
+        """The components ``req`` runs: with ``tiling``, the circular-padded UNet and VAE."""
+        if not req.tiling:
+            return self.models
+        variants = self.models.tiling
+        if variants is None:
+            raise InvalidRequest("this export has no seamless-tiling graphs; re-export the model with "
+                                 "`sdrt export MODEL OUT --tiling`")
+        if req.control:
+            raise InvalidRequest("seamless tiling together with ControlNet is not supported yet")
+        return replace(self.models, **{name: variants.get(name) for name in variants.components})
+
+    def _encode(self, pixels: np.ndarray, gens, req: Request) -> np.ndarray:
         """VAE-encode and sample the latent distribution with each image's generator (diffusers' order)."""
-        encoder = self.models.vae_encoder
+        encoder = self._models(req).vae_encoder
         if encoder is None:
             raise InvalidRequest("this export has no VAE encoder, which img2img and inpainting need; "
                                  "re-export the model with `sdrt export`")
         def run(x):
             return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
-        params = tiled(run, pixels, 1 / self.factor, self.factor * TILE, self.factor * OVERLAP) if tiled_vae \
+        params = tiled(run, pixels, 1 / self.factor, self.factor * TILE, self.factor * OVERLAP) if req.tiled_vae \
             else run(pixels)
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         samples = [mean + std * g.randn(mean.shape) for g in gens]
         return np.concatenate(samples) * np.float32(self.models.arch["vae_scaling_factor"])
 
-    def _decode(self, latents: np.ndarray, tiled_vae: bool = False) -> list[Image.Image]:
+    def _decode(self, latents: np.ndarray, req: Request) -> list[Image.Image]:
         """VAE-decode image by image (whole, or in overlapping tiles)."""
         z = latents / np.float32(self.models.arch["vae_scaling_factor"])
+        decoder = self._models(req).vae_decoder
+
         def run(x):
-            return self.models.vae_decoder.run({"latent_sample": x})["sample"]
+            return decoder.run({"latent_sample": x})["sample"]
         return [pic for i in range(len(z))
-                for pic in images.to_pil(tiled(run, z[i:i + 1], self.factor) if tiled_vae else run(z[i:i + 1]))]
+                for pic in images.to_pil(tiled(run, z[i:i + 1], self.factor) if req.tiled_vae else run(z[i:i + 1]))]
 
     def _result(self, req: Request, task: str, plan, pics, timings, extra: dict | None = None) -> Result:
         seeds = [req.seed + i for i in range(len(pics))]
@@ -404,9 +452,10 @@ class StableDiffusion:
                   "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
                   "Emphasis": req.emphasis if req.emphasis != "Original" else None}
         params["Lora hashes"] = self.weights.hashes() if self.weights else None
-        params |= {"Tiled VAE": True if req.tiled_vae else None, **(extra or {})}
+        params |= {"Tiling": True if req.tiling else None, "Tiled VAE": True if req.tiled_vae else None,
+                   **(extra or {})}
         texts = [images.infotext(req.prompt, req.negative_prompt, {**params, "Seed": s}) for s in seeds]
-        parameters = {"task": task, **{k: v for k, v in req.__dict__.items() if k != "latents"}}
+        parameters = {"task": task, **{k: v for k, v in req.__dict__.items() if k not in ("latents", "callback")}}
         return Result(pics, seeds, texts, parameters, timings)
 
 
@@ -427,9 +476,20 @@ def _draw(gens, shape) -> np.ndarray:
     return np.concatenate([g.randn((1, *shape[1:])) for g in gens])
 
 
-def _spent(models: Models) -> dict[str, float]:
-    return {k: r.seconds for k in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
-            if isinstance(r := getattr(models, k), Timed)}
+def _runtimes(models: Models) -> list[tuple[str, Timed]]:
+    """Every timed runtime of ``models`` with the component it counts for: the ControlNets as "controlnet",
+    the ControlNet and tiling UNets as "unet", the tiling VAE as the VAE."""
+    found = [(k, getattr(models, k)) for k in ("text_encoder", "unet", "vae_encoder", "vae_decoder")]
+    if models.control is not None:
+        found += [("controlnet" if k.startswith("controlnet/") else "unet", r) for k, r in models.control.loaded.items()]
+    if models.tiling is not None:
+        found += list(models.tiling.loaded.items())
+    return [(k, r) for k, r in found if isinstance(r, Timed)]
+
+
+def _spent(models: Models) -> weakref.WeakKeyDictionary:
+    """Seconds spent so far in each runtime (weakly held: a runtime replaced meanwhile can be freed)."""
+    return weakref.WeakKeyDictionary({r: r.seconds for _, r in _runtimes(models)})
 
 
 def _progress(total: int, enabled: bool):

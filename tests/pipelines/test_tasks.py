@@ -115,3 +115,45 @@ def test_tiled_vae_option_runs_every_task(pipe):
 def test_bad_task_input(pipe, call, message):
     with pytest.raises(InvalidRequest, match=message):
         call(pipe, Image.new("RGB", (SIZE, SIZE)))
+
+
+# -- seamless tiling: circular padding, as A1111's "Tiling" ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiling_export(tmp_path_factory, tiny_model_dir):
+    from sdrt.exporters import ExportOptions, export
+    out = tmp_path_factory.mktemp("tiling") / "out"
+    export(str(tiny_model_dir), out, ExportOptions(tiling=True), progress=False)
+    return out
+
+
+def test_seamless_tiling_matches_diffusers_with_circular_convs(tiling_export, tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    for module in (ref.unet, ref.vae):                   # what A1111 does for Tiling
+        for conv in module.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.padding_mode = "circular"
+    out = ref("a red fox", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+              width=80, generator=torch.Generator("cpu").manual_seed(6), output_type="np").images
+    theirs = (out * 255).round().astype(np.int16)
+    pipe = sdrt.load(tiling_export, runtime="onnxruntime", progress=False)
+    kw = dict(negative_prompt="blurry", width=80, height=SIZE, steps=STEPS, sampler="Euler", seed=6)
+    ours = pipe.txt2img("a red fox", tiling=True, **kw)
+    assert int(np.abs(arrays(ours) - theirs).max()) <= 2
+    assert "Tiling: True" in ours.infotexts[0]
+    plain = pipe.txt2img("a red fox", **kw)
+    assert np.abs(arrays(plain) - theirs).max() > 8                  # circular padding changes the image
+    a = arrays(ours)[0].astype(np.float32)
+    wrap = np.abs(a[:, -1] - a[:, 0]).mean()                          # the seam when tiled side by side
+    inside = np.abs(np.diff(a, axis=1)).mean()
+    assert wrap < 2 * inside
+
+
+def test_tiling_needs_the_tiling_graphs(pipe):
+    with pytest.raises(InvalidRequest, match="--tiling"):
+        pipe.txt2img("a red fox", width=SIZE, height=SIZE, steps=2, tiling=True)
