@@ -207,7 +207,8 @@ class StableDiffusion:
         req = self._request(prompt, kwargs)
 
         def start(gens, plan):
-            return Start(self._noise(req, gens) * plan.init_sigma)
+            x = self._noise(req, gens) * plan.init_sigma
+            return Start(x, concat=self._unmasked(req, gens))
         if hires is None:
             return self._generate(req, "txt2img", start)
         return self._hires(req, hires, start)
@@ -228,7 +229,8 @@ class StableDiffusion:
 
         def second_start(gens, plan):        # fresh generators of the same seeds, as A1111's second pass
             x0 = upscaled if kind == "latent" else self._encode(pixels, gens, second)
-            return Start(x0 + plan.sigmas[0] * self._noise(second, gens))
+            x = x0 + plan.sigmas[0] * self._noise(second, gens)
+            return Start(x, concat=self._unmasked(second, gens))
         latents, plan = self._sample(second, second_start)
         pics = self._decode(latents, second)
         return self._result(req, "txt2img", plan, pics, self._timings(spent, began), hires.infotext(second))
@@ -257,8 +259,19 @@ class StableDiffusion:
 
         def start(gens, plan):
             x0 = self._encode(pixels, gens, req)
-            return Start(x0 + plan.sigmas[0] * self._noise(req, gens))
+            x = x0 + plan.sigmas[0] * self._noise(req, gens)
+            return Start(x, concat=self._unmasked(req, gens))
         return self._generate(req, "img2img", start)
+
+    def _unmasked(self, req: Request, gens) -> np.ndarray | None:
+        """What an inpainting (9-channel) UNet gets besides the latents when nothing is masked: a mask of 1
+        and the latents of an empty (0) image, as A1111 conditions txt2img and img2img on inpainting models
+        (and as diffusers' inpainting pipeline does for an all-white mask). None for a 4-channel UNet."""
+        if self.models.arch.get("unet_in_channels", 4) != 9:
+            return None
+        shape = (req.batch_size, 1, req.height // self.factor, req.width // self.factor)
+        empty = self._encode(np.zeros((1, 3, req.height, req.width), np.float32), gens, req)
+        return np.concatenate([np.ones(shape, np.float32), empty], axis=1)
 
     def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, strength: float = 1.0,
                 **kwargs) -> Result:

@@ -20,7 +20,6 @@ class Checkpoint:
     folder: Path
     model_name: str
     sha256: str
-    inpainting: bool = False          # a 9-channel UNet: it needs a mask (txt2img/img2img on it are refused)
 
     @property
     def hash(self) -> str:
@@ -38,9 +37,9 @@ class Checkpoint:
 
 def read(folder: Path) -> Checkpoint:
     """Describe an export without loading it (checks it is one)."""
-    manifest = mf.read(folder, verify=False)
+    mf.read(folder, verify=False)
     digest = hashlib.sha256((folder / mf.MANIFEST).read_bytes()).hexdigest()
-    return Checkpoint(folder, folder.resolve().name, digest, manifest.architecture.get("unet_in_channels") == 9)
+    return Checkpoint(folder, folder.resolve().name, digest)
 
 
 class Checkpoints:

@@ -292,9 +292,6 @@ def _inpaint_inputs(req: Img2Img, image: Image.Image):
 
 
 def _generation(task, req: Processing, checkpoint, call, seed, subseed, parameters, finish=None) -> Generation:
-    if checkpoint.inpainting and task != "inpaint":
-        raise InvalidRequest(f"{checkpoint.title} is an inpainting model: it needs img2img with a mask; "
-                             "pick another sd_model_checkpoint for txt2img and img2img")
     info = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "subseed_strength": req.subseed_strength,
             "width": req.width, "height": req.height, "sampler_name": req.sampler_name or req.sampler_index,
             "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": False,

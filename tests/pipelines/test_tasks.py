@@ -157,3 +157,16 @@ def test_seamless_tiling_matches_diffusers_with_circular_convs(tiling_export, ti
 def test_tiling_needs_the_tiling_graphs(pipe):
     with pytest.raises(InvalidRequest, match="--tiling"):
         pipe.txt2img("a red fox", width=SIZE, height=SIZE, steps=2, tiling=True)
+
+
+def test_txt2img_and_img2img_on_an_inpainting_model(tiny_inpaint_export):
+    """A 9-channel UNet sees everything masked (A1111): txt2img is inpainting a blank image under a white
+    mask, img2img is inpainting the image under a white mask, both parity-tested against diffusers."""
+    p = sdrt.load(tiny_inpaint_export, runtime="onnxruntime", progress=False)
+    white, kw = Image.new("L", (SIZE, SIZE), 255), dict(negative_prompt="", steps=STEPS, sampler="Euler", seed=9)
+    ours = p.txt2img("a red fox", width=SIZE, height=SIZE, **kw)
+    assert (arrays(ours) == arrays(p.inpaint(Image.new("RGB", (SIZE, SIZE)), white, "a red fox", **kw))).all()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    ours = p.img2img(image, "a red fox", strength=0.6, **kw)
+    assert (arrays(ours) == arrays(p.inpaint(image, white, "a red fox", strength=0.6, **kw))).all()
+    assert p.txt2img("a red fox", width=SIZE, height=SIZE, hires=Hires(scale=1.5), **kw).images[0].size == (96, 96)
