@@ -84,9 +84,9 @@ def _notes(systems: list[dict]) -> list[str]:
              "to PIL image. load: the system's first load and compile of the model. peak RSS: the system's "
              "own process.",
              "sdrt rows: each component called directly with the shapes the pipeline uses (text encoder: one "
-             "batch-2 call for prompt + negative prompt; UNet: batch 2; VAE: one image). Peer rows: time "
-             "spent inside each part during the end-to-end runs (text encoder: its two batch-1 calls; UNet: "
-             "per step), VAE encode called directly."]
+             "77-token chunk, called once for the prompt and once for the negative prompt; UNet: batch 2; VAE: "
+             "one image). Peer rows: time spent inside each part during the end-to-end runs (text encoder: its "
+             "two batch-1 calls; UNet: per step), VAE encode called directly."]
     exports = [f"{s['name']} {s['export_s']:.1f} s" for s in systems if s.get("export_s")]
     if exports:
         notes.append("One-time conversion of the diffusers folder before loading (not in load): "
