@@ -79,6 +79,15 @@ class Control:
         object.__setattr__(self, "control_mode", _choice(self.control_mode, CONTROL_MODES, "control_mode"))
         object.__setattr__(self, "image", _rgb(self.image, self.model))
 
+    def infotext(self) -> str:
+        """The unit as sd-webui-controlnet writes it into A1111's generation parameters ("ControlNet 0")."""
+        fields = {"Module": self.preprocessor, "Model": self.model, "Weight": self.scale,
+                  "Resize Mode": self.resize_mode}
+        if self.preprocessor == "canny" and not self.processed:
+            fields |= {"Threshold A": float(self.low_threshold), "Threshold B": float(self.high_threshold)}
+        fields |= {"Guidance Start": self.start, "Guidance End": self.end, "Control Mode": self.control_mode}
+        return ", ".join(f"{k}: {v}" for k, v in fields.items())
+
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -466,6 +466,7 @@ class StableDiffusion:
                   "Emphasis": req.emphasis if req.emphasis != "Original" else None}
         params["Lora hashes"] = self.weights.hashes() if self.weights else None
         params |= {"Tiling": True if req.tiling else None, "Tiled VAE": True if req.tiled_vae else None,
+                   **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(req.control or ())},
                    **(extra or {})}
         texts = [images.infotext(req.prompt, req.negative_prompt, {**params, "Seed": s}) for s in seeds]
         parameters = {"task": task, **{k: v for k, v in req.__dict__.items() if k not in ("latents", "callback")}}

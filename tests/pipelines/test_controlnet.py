@@ -209,6 +209,8 @@ def test_txt2img(pipe, tiny_model_dir, diffusers_nets, control_images):
     theirs = reference(tiny_model_dir, "StableDiffusionControlNetPipeline", [diffusers_nets["canny"]], "Euler a", 3,
                        image=control_images["canny"])
     compare("controlnet[txt2img]", ours, theirs)
+    assert ('ControlNet 0: "Module: none, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, '
+            'Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"') in ours.infotexts[0]
     plain = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=3)
     assert np.abs(pixels(plain) - theirs).max() > 20            # the ControlNet visibly steers the image
 
