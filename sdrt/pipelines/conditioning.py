@@ -161,9 +161,10 @@ class Conditioning:
 
     @classmethod
     def build(cls, encode: TextEncoder, prompt: str, negative_prompt: str, steps: int, guidance: bool,
-              batch_size: int = 1) -> Conditioning:
+              batch_size: int = 1, first_pass_steps: int | None = None) -> Conditioning:
+        """``first_pass_steps``: this is a hires fix's second pass (prompt editing counts on from the first)."""
         def scheduled(text):
-            return [(end, encode(t)) for end, t in prompts.schedule(text, steps)]
+            return [(end, encode(t)) for end, t in prompts.schedule(text, steps, first_pass_steps)]
         subprompts = prompts.split_and(prompt)
         if len(subprompts) > 1:
             guidance = True                         # composable diffusion weighs against the uncond

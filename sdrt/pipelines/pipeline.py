@@ -231,7 +231,7 @@ class StableDiffusion:
             x0 = upscaled if kind == "latent" else self._encode(pixels, gens, second)
             x = x0 + plan.sigmas[0] * self._noise(second, gens)
             return Start(x, concat=self._unmasked(second, gens))
-        latents, plan = self._sample(second, second_start)
+        latents, plan = self._sample(second, second_start, first_pass_steps=req.steps)
         pics = self._decode(latents, second)
         return self._result(req, "txt2img", plan, pics, self._timings(spent, began), hires.infotext(second))
 
@@ -365,12 +365,13 @@ class StableDiffusion:
         timings["total"] = time.perf_counter() - began
         return timings
 
-    def _sample(self, req: Request, prepare: Callable) -> tuple[np.ndarray, samplers.SamplingPlan]:
+    def _sample(self, req: Request, prepare: Callable,
+                first_pass_steps: int | None = None) -> tuple[np.ndarray, samplers.SamplingPlan]:
         """Plan the schedule, encode the prompts, prepare the start, run the sampler: final VP latents."""
         plan = samplers.plan(req.sampler, req.steps, self.models.scheduler_config, strength=req.strength,
                              scheduler=req.scheduler)
         gens = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
-        cond = self._conditioning(req)                  # may switch LoRAs, i.e. the UNet runtime
+        cond = self._conditioning(req, first_pass_steps)    # may switch LoRAs, i.e. the UNet runtime
         m = self._models(req)
         unet = controlled_unet(m, req, plan) if req.control else m.unet
         start = prepare(gens, plan)
@@ -389,14 +390,14 @@ class StableDiffusion:
         latents = (x / np.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).astype(np.float32)
         return (start.finish(latents) if start.finish else latents), plan
 
-    def _conditioning(self, req: Request) -> Conditioning:
+    def _conditioning(self, req: Request, first_pass_steps: int | None = None) -> Conditioning:
         """The prompts' text conditioning over the steps (A1111 syntax: emphasis, BREAK, long prompts,
         prompt editing, AND, CLIP skip); ``<lora:...>`` tags are removed here (see ``_extra_networks``)."""
         prompt, networks = prompts.extra_networks(req.prompt)
         self._extra_networks(networks)
         encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
         return Conditioning.build(encode, prompt, req.negative_prompt, req.steps, req.guidance_scale > 1.0,
-                                  req.batch_size)
+                                  req.batch_size, first_pass_steps)
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
         unknown = sorted({n.kind for n in networks} - {"lora"})

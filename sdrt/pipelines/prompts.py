@@ -121,11 +121,13 @@ def _parser():
     return lark.Lark(GRAMMAR)
 
 
-def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def schedule(prompt: str, steps: int, first_pass_steps: int | None = None) -> list[tuple[int, str]]:
     """``[(end_at_step, text), ...]`` for ``steps`` steps: the text to use while step <= end_at_step.
 
     ``when`` with a decimal point is a fraction of ``steps``, an integer is a step number (A1111's current
-    rule). Alternation ``[a|b]`` changes every step. A prompt that does not parse is used as it is.
+    rule). For a hires fix's second pass (``first_pass_steps`` given) both count on from the first pass, as
+    A1111 counts them: ``[a:b:25]`` after 20 first-pass steps switches at step 5, ``[a:b:1.5]`` half-way.
+    Alternation ``[a|b]`` changes every step. A prompt that does not parse is used as it is.
     """
     import lark
     try:
@@ -136,7 +138,10 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     for node in tree.iter_subtrees():
         if node.data == "scheduled":
             number = node.children[-2]
-            when = float(number) * steps if "." in number else float(number)
+            if "." in number:
+                when = (float(number) - (1.0 if first_pass_steps else 0.0)) * steps
+            else:
+                when = float(number) - (first_pass_steps or 0)
             node.children[-2] = min(steps, int(when))
             if node.children[-2] >= 1:
                 ends.add(node.children[-2])

@@ -63,6 +63,15 @@ def test_schedule(text, expected):
     assert prompts.schedule(text, 10) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("a [b:.5] c", [(10, "a b c")]),                  # A1111's examples for a 10-step hires pass after 10
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [b:15] c", [(5, "a  c"), (10, "a b c")]),     # integers count on from the first pass's 10 steps
+])
+def test_schedule_in_a_hires_pass(text, expected):
+    assert prompts.schedule(text, 10, first_pass_steps=10) == expected
+
+
 def test_at_step_uses_the_entry_whose_end_is_not_passed():
     entries = prompts.schedule("a [b:3]", 10)          # A1111: evaluations 0..3 see "a ", 4.. see "a b"
     assert [prompts.at_step(entries, s) for s in range(6)] == [0, 0, 0, 0, 1, 1]
