@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .. import manifest as mf
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, ModelFolderError
 from .calibration import calibration_options, calibration_settings, capture_unet_inputs
 from .quality import quality_report
 
@@ -68,6 +68,7 @@ def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.nda
     hint = NoPreprocessingHint()
     logging.getLogger().addFilter(hint)
     try:
+        _readable(source)
         quantize_static(str(source), str(target), FeedReader(calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=OP_TYPES, nodes_to_exclude=kept_fp32(graph), per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -75,6 +76,14 @@ def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.nda
                         use_external_data_format=source.with_name(source.name + "_data").is_file())
     finally:
         logging.getLogger().removeFilter(hint)
+
+
+def _readable(source: Path) -> None:
+    """onnx refuses external data with several hard links ("potential hardlink attack"); say so plainly."""
+    data = source.with_name(source.name + "_data")
+    if data.is_file() and data.stat().st_nlink > 1:
+        raise ModelFolderError(f"{data} has {data.stat().st_nlink} hard links, and onnx refuses to read such "
+                               "external data; copy the export (cp -r) instead of hard-linking it")
 
 
 class NoPreprocessingHint(logging.Filter):

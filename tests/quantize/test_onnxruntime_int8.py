@@ -133,3 +133,14 @@ def test_cache_key_follows_the_recipe_and_calibration(tiny_export):
     keys = {builds.entry_key({}, quantize.settings(manifest, o), "v") for o in variants}
     assert len(keys) == len(variants)
     assert quantize.settings(manifest, OPTIONS)["scheme"] == quantize.SCHEME
+
+
+def test_hard_linked_external_data_is_a_clear_error(tmp_path):
+    from sdrt.errors import ModelFolderError
+    from sdrt.quantize.onnxruntime import _readable
+    (tmp_path / "unet.onnx").write_bytes(b"")
+    (tmp_path / "unet.onnx_data").write_bytes(b"weights")
+    _readable(tmp_path / "unet.onnx")
+    (tmp_path / "copy").hardlink_to(tmp_path / "unet.onnx_data")
+    with pytest.raises(ModelFolderError, match="2 hard links"):
+        _readable(tmp_path / "unet.onnx")
