@@ -234,13 +234,14 @@ class Unit:
         return not (i / n < self.start or (i + 1) / n > self.end)
 
 
-def controlled_unet(models, req, plan) -> Runtime:
+def controlled_unet(models, req, plan, evaluation: Callable[[], int]) -> Runtime:
     """``models.unet`` with the residuals of ``req.control``'s units added (the units are checked here).
 
     Args:
         models: the pipeline's ``Models`` (its ``control`` holds the export's ControlNets).
         req: the ``Request``: control units, size, batch size, guidance scale.
         plan: the ``SamplingPlan``; its model calls are the evaluations that start/end count.
+        evaluation: the index of the model evaluation being run (``ModelDenoiser.step - 1``).
     """
     units = list(req.control) if isinstance(req.control, (list, tuple)) else [req.control]
     if not all(isinstance(u, Control) for u in units):
@@ -254,7 +255,7 @@ def controlled_unet(models, req, plan) -> Runtime:
                   u.start, u.end, np.ones(n, np.float32) if u.control_mode == "Balanced" else soft,
                   u.control_mode == "ControlNet is more important") for u in units]
     return ControlledUnet(models.control.unet(), models.unet, ready, max(len(plan.calls), 1), req.batch_size,
-                          req.guidance_scale > 1.0, models.arch["latent_channels"])
+                          req.guidance_scale > 1.0, models.arch["latent_channels"], evaluation)
 
 
 class ControlledUnet:
@@ -262,22 +263,23 @@ class ControlledUnet:
 
     Every run feeds each active unit's ControlNet the run's latents (the first C channels, so 9-channel
     inpainting works), timestep and text embeddings, sums the residuals and runs the residual-taking UNet; with
-    no unit active it runs the plain UNet. Evaluation index (for start/end): counted here, diffusers' loop
-    index over its timesteps (= ``plan.calls``). A run starts a new evaluation unless it repeats the previous
-    run's timestep and latents (``ModelDenoiser`` splits an evaluation into runs when prompts differ in length);
-    with guidance, the first ``batch`` rows of an evaluation's first run are the negative prompt's.
+    no unit active it runs the plain UNet. Start/end compare ``evaluation()``, the index of the model evaluation
+    being run (diffusers' loop index over its timesteps, ``plan.calls``), with ``calls``. ``ModelDenoiser``
+    splits an evaluation into several runs when prompts differ in length; with guidance, the first ``batch``
+    rows of an evaluation's first run are the negative prompt's.
     """
 
     def __init__(self, unet: Runtime, plain: Runtime, units: list[Unit], calls: int, batch: int, guidance: bool,
-                 latent_channels: int):
+                 latent_channels: int, evaluation: Callable[[], int]):
         self.unet, self.plain, self.units, self.calls = unet, plain, units, calls
         self.batch, self.guidance, self.channels = batch, guidance, latent_channels
-        self.spec = plain.spec
-        self.evaluation, self._last = -1, None
+        self.spec, self.evaluation = plain.spec, evaluation
+        self._previous = None                   # the evaluation of the previous run
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        first = self._count(feeds)
-        i = min(self.evaluation, self.calls - 1)
+        i = self.evaluation()
+        first, self._previous = i != self._previous, i
+        i = min(i, self.calls - 1)
         uncond = self.batch if first and self.guidance else 0
         residuals = [self._residuals(u, feeds, uncond if u.cond_only else 0)
                      for u in self.units if u.active(i, self.calls)]
@@ -286,14 +288,6 @@ class ControlledUnet:
             return self.plain.run(feeds)
         names = [t.name for t in self.unet.spec.inputs[len(self.spec.inputs):]]
         return self.unet.run({**feeds, **{k: sum(r[j] for r in residuals) for j, k in enumerate(names)}})
-
-    def _count(self, feeds) -> bool:
-        """Advance the evaluation index unless this run belongs to the previous run's evaluation."""
-        t, x = float(feeds["timestep"][0]), feeds["sample"][:self.batch]
-        first = self._last is None or t != self._last[0] or not np.array_equal(x, self._last[1])
-        self.evaluation += first
-        self._last = (t, x.copy())
-        return first
 
     def _residuals(self, unit: Unit, feeds, skip: int) -> list[np.ndarray] | None:
         """The unit's weighted residuals for every row of the run; zeros on the first ``skip`` rows."""

@@ -373,11 +373,12 @@ class StableDiffusion:
         gens = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
         cond = self._conditioning(req, first_pass_steps)    # may switch LoRAs, i.e. the UNet runtime
         m = self._models(req)
-        unet = controlled_unet(m, req, plan) if req.control else m.unet
+        # the ControlNet wrapper asks the denoiser which model evaluation it is running (start/end)
+        unet = controlled_unet(m, req, plan, lambda: model.step - 1) if req.control else m.unet
         start = prepare(gens, plan)
-        d = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
-                          start.concat)
-        d = d if cond.plain else guided(d, req.guidance_scale, cond.weights)
+        model = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
+                              start.concat)
+        d = model if cond.plain else guided(model, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
         total = len(plan.sigmas) - 1
 

@@ -298,8 +298,9 @@ class Recorder:
 
 
 def test_evaluations_split_into_runs():
-    """ModelDenoiser runs an evaluation in two calls when the negative prompt has another token count: the
-    unit still counts evaluations, and a conditional-only unit skips the negative prompt's run."""
+    """ModelDenoiser runs an evaluation in two calls when the negative prompt has another token count: start/end
+    follow the evaluation index the denoiser reports, and a conditional-only unit skips the negative prompt's
+    run."""
     from sdrt.pipelines.control import ControlledUnet, Unit
     layout = tuple(map(tuple, TINY_LAYOUT))
     dims = dict(H=SIZE, W=SIZE, C=4, CI=4, D=32, S=77)
@@ -307,13 +308,15 @@ def test_evaluations_split_into_runs():
     net = Recorder(specs.controlnet(layout), dims)
     soft = np.logspace(-1, 0, len(layout)).astype(np.float32)
     unit = Unit(net, np.zeros((1, 3, SIZE, SIZE), np.float32), 1.0, 0.5, 1.0, soft, cond_only=True)
-    controlled = ControlledUnet(unet, plain, [unit], calls=4, batch=2, guidance=True, latent_channels=4)
+    evaluation = [0]
+    controlled = ControlledUnet(unet, plain, [unit], calls=4, batch=2, guidance=True, latent_channels=4,
+                                evaluation=lambda: evaluation[0])
     x = np.random.default_rng(0).standard_normal((4, 2, 4, 8, 8)).astype(np.float32)
     for i, t in enumerate((900.0, 600.0, 600.0, 100.0)):        # evaluations 1 and 2 share a timestep
+        evaluation[0] = i
         for tokens in (154, 77):                                  # negative prompt's run, then the prompt's
             controlled.run({"sample": x[i], "timestep": np.full(2, t, np.float32),
                             "encoder_hidden_states": np.zeros((2, tokens, 32), np.float32)})
-    assert controlled.evaluation == 3
     assert len(plain.feeds) == 6 and len(unet.feeds) == 2          # active from evaluation 2 of 4, prompt's runs
     assert [f["encoder_hidden_states"].shape[1] for f in unet.feeds] == [77, 77]
     for feeds in unet.feeds:
