@@ -23,6 +23,33 @@ def _export(tmp_path_factory, model_dir: Path, name: str, **options) -> Path:
     return out
 
 
+def random_controlnet(model_dir: Path, out: Path, seed: int) -> Path:
+    """A ControlNet copied from the tiny UNet, its zero-initialised convolutions made random (else it is a no-op)."""
+    import diffusers
+    import torch
+    unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    net = diffusers.ControlNetModel.from_unet(unet)
+    for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.normal_(conv.bias, std=0.1)
+    net.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def controlnet_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("controlnets")
+    return {name: random_controlnet(tiny_model_dir, root / name, seed) for name, seed in (("canny", 5), ("depth", 6))}
+
+
+@pytest.fixture(scope="session")
+def control_export(tmp_path_factory, tiny_model_dir, controlnet_dirs) -> Path:
+    """The tiny model with both ControlNets; 'canny' named by default from its folder, 'depth' by NAME=."""
+    nets = (str(controlnet_dirs["canny"]), f"depth={controlnet_dirs['depth']}")
+    return _export(tmp_path_factory, tiny_model_dir, "control_export", controlnets=nets)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "tiny", seed=0)

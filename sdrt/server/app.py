@@ -17,11 +17,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, SdrtError
 from ..pipelines import resize, samplers
-from . import convert, scripts
+from . import controlnet, convert, scripts
 from . import options as opts
 from .checkpoints import Checkpoints
+from .codec import encode_png
 from .jobs import Job, JobQueue, QueueFull
-from .schemas import Img2Img, PngInfoRequest, ProgressRequest, Txt2Img
+from .schemas import DetectRequest, Img2Img, PngInfoRequest, ProgressRequest, Txt2Img
 
 RETRY_AFTER = 5                 # seconds a client is told to wait when the queue is full
 POLL = 0.25                     # seconds between client-disconnect checks while a request waits
@@ -71,13 +72,28 @@ class Service:
             raise InvalidRequest("save_images: this server does not save images (start it with --outdir DIR)")
         over = opts.validated(req.override_settings or {}, self.checkpoints.find)
         settings = {**self.settings, **over}
-        gen = await run_in_threadpool(make, req, settings, self.checkpoints.find(settings["sd_model_checkpoint"]))
+
+        limits, images = self.options.limits, 0
+
+        def build(r, s) -> convert.Generation:        # one generation of a script, checked as a request is
+            nonlocal images
+            convert.check_limits(r, limits)
+            images += r.batch_size * r.n_iter
+            if images > limits.max_images:
+                raise InvalidRequest(f"script {req.script_name!r} makes more than {limits.max_images} images; "
+                                     f"this server allows at most {limits.max_images} (batch_size*n_iter)")
+            return make(r, s, self.checkpoints.find(s["sd_model_checkpoint"]))
+        work = await run_in_threadpool(scripts.plan, task, req, settings, build)
+        if work is None:
+            gen = await run_in_threadpool(make, req, settings, self.checkpoints.find(settings["sd_model_checkpoint"]))
         if not req.override_settings_restore_afterwards:
             self.settings |= over
 
         def run(job: Job) -> dict:
+            if work is not None:
+                return scripts.execute(work, self.checkpoints.pipeline, job, self.options.outdir)
             return convert.execute(gen, self.checkpoints.pipeline(gen.checkpoint), job, self.options.outdir)
-        job = Job(run, name=task, count=gen.n_iter)
+        job = Job(run, name=task, count=gen.n_iter if work is None else work.batches)
         if req.force_task_id:
             job.id = req.force_task_id
         try:
@@ -140,6 +156,7 @@ def create_app(options: ServerOptions, load: Callable[[Path], object] | None = N
     def task_progress(req: ProgressRequest):
         return service.task_progress(req.id_task)
     app.include_router(internal)
+    app.include_router(_controlnet_routes(service), prefix="/controlnet", dependencies=secured)
     app.router.on_shutdown.append(service.queue.close)
     return app
 
@@ -199,6 +216,24 @@ def _routes(s: Service) -> APIRouter:
     r.get("/memory")(_memory)
     r.get("/embeddings")(lambda: _embeddings(s))
     r.get("/loras")(lambda: _loras(s.options.lora_dir))
+    return r
+
+
+def _controlnet_routes(s: Service) -> APIRouter:
+    """sd-webui-controlnet's REST routes (``scripts/api.py``) over the current checkpoint's ControlNets."""
+    r = APIRouter()
+    r.get("/version")(lambda: {"version": controlnet.VERSION})
+    r.get("/model_list")(lambda: {"model_list": controlnet.titles(
+        s.checkpoints.find(s.settings["sd_model_checkpoint"]))})
+    r.get("/module_list")(lambda: {"module_list": list(controlnet.MODULES),
+                                   "module_detail": controlnet.module_detail()})
+
+    @r.post("/detect")
+    def detect(req: DetectRequest):
+        images = controlnet.detect(req.controlnet_module, req.controlnet_input_images or req.controlnet_images,
+                                   req.controlnet_processor_res, req.controlnet_threshold_a,
+                                   req.controlnet_threshold_b)
+        return {"images": [encode_png(image, "") for image in images], "info": "Success"}
     return r
 
 

@@ -20,6 +20,7 @@ class Checkpoint:
     folder: Path
     model_name: str
     sha256: str
+    controlnets: tuple[tuple[str, str], ...] = ()      # (name, sha256 of its ONNX graph), as exported
 
     @property
     def hash(self) -> str:
@@ -37,9 +38,10 @@ class Checkpoint:
 
 def read(folder: Path) -> Checkpoint:
     """Describe an export without loading it (checks it is one)."""
-    mf.read(folder, verify=False)
+    manifest = mf.read(folder, verify=False)
     digest = hashlib.sha256((folder / mf.MANIFEST).read_bytes()).hexdigest()
-    return Checkpoint(folder, folder.resolve().name, digest)
+    nets = tuple((name, manifest.files.get(c.file, "")) for name, c in manifest.controlnets.items())
+    return Checkpoint(folder, folder.resolve().name, digest, nets)
 
 
 class Checkpoints:

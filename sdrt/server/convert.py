@@ -7,8 +7,6 @@ silently ignored; fields that only tune other models or UIs (``image_cfg_scale``
 from __future__ import annotations
 
 import base64
-import binascii
-import io
 import json
 import random
 import time
@@ -16,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
+from PIL import Image, ImageFilter, ImageOps
 
 from .. import __version__
 from ..errors import InvalidRequest
 from ..pipelines import samplers
 from ..pipelines.pipeline import MAX_SEED, Hires
+from . import controlnet
 from . import options as opts
 from .checkpoints import Checkpoint
+from .codec import decode_image, encode_png
 from .jobs import Interrupted, Job, Skipped
 from .schemas import Img2Img, Processing, Txt2Img
 
@@ -73,6 +73,20 @@ class Generation:
     send_images: bool
     save_images: bool
     finish: Callable[[Image.Image], Image.Image] = field(default=lambda image: image)
+    extra_images: list[Image.Image] = field(default_factory=list)    # ControlNet detected maps
+
+
+@dataclass
+class Outcome:
+    """What a job made: images with their infotexts (grids first, before ``first``), and the seeds and
+    prompts of the generated images (A1111's ``all_seeds`` etc., which leave grids out)."""
+    images: list[Image.Image] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    clip_skip: int = 1
+    first: int = 0                                        # A1111's index_of_first_image
 
 
 def sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
@@ -106,35 +120,6 @@ def _schedule(scheduler: str | None) -> str:
     if text not in SCHEDULES and text not in by_label:
         raise InvalidRequest(f"unknown scheduler {scheduler!r}; A1111's are: {', '.join(SCHEDULES.values())}")
     return by_label.get(text, text)
-
-
-def decode_image(data: str, where: str) -> Image.Image:
-    """A base64 image (raw, or a ``data:image/...;base64,`` URL) -> a loaded PIL image."""
-    if not isinstance(data, str) or not data:
-        raise InvalidRequest(f"{where}: expected a base64-encoded image")
-    if data.startswith(("http://", "https://")):
-        raise InvalidRequest(f"{where}: sdrt does not fetch image URLs; send the image as base64")
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{where}: not valid base64") from None
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return image
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise InvalidRequest(f"{where}: the data is not a readable image") from None
-
-
-def encode_png(image: Image.Image, text: str) -> str:
-    """Base64 PNG with the infotext in its 'parameters' chunk (A1111's samples_format png)."""
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=meta)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def resize_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
@@ -223,6 +208,9 @@ def _common(req: Processing, settings: dict) -> tuple[dict, int, int]:
 def txt2img(req: Txt2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
     kwargs, seed, subseed = _common(req, settings)
     kwargs |= dict(width=req.width, height=req.height)
+    controls, maps = controlnet.units(req.alwayson_scripts, checkpoint, req.width, req.height)
+    if controls:
+        kwargs["control"] = controls
     hires = None
     if req.enable_hr:
         hr_sampler = sampler(req.hr_sampler_name, req.hr_scheduler)[0] if req.hr_sampler_name else None
@@ -233,7 +221,7 @@ def txt2img(req: Txt2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
 
     def call(pipe, seed, callback):
         return pipe.txt2img(req.prompt, hires=hires, seed=seed, callback=callback, **kwargs)
-    return _generation("txt2img", req, checkpoint, call, seed, subseed, req.model_dump())
+    return _generation("txt2img", req, checkpoint, call, seed, subseed, req.model_dump(), extra_images=maps)
 
 
 def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
@@ -248,6 +236,9 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
     kwargs, seed, subseed = _common(req, settings)
     image = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
+    controls, maps = controlnet.units(req.alwayson_scripts, checkpoint, req.width, req.height, image)
+    if controls:
+        kwargs["control"] = controls
     parameters = req.model_dump()
     if not req.include_init_images:
         parameters |= {"init_images": None, "mask": None}
@@ -256,12 +247,12 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
 
         def call(pipe, seed, callback):
             return pipe.img2img(image, req.prompt, strength=strength, seed=seed, callback=callback, **kwargs)
-        return _generation("img2img", req, checkpoint, call, seed, subseed, parameters)
+        return _generation("img2img", req, checkpoint, call, seed, subseed, parameters, extra_images=maps)
     image, mask, overlay = _inpaint_inputs(req, image)
 
     def call(pipe, seed, callback):
         return pipe.inpaint(image, mask, req.prompt, strength=strength, seed=seed, callback=callback, **kwargs)
-    return _generation("inpaint", req, checkpoint, call, seed, subseed, parameters, overlay)
+    return _generation("inpaint", req, checkpoint, call, seed, subseed, parameters, overlay, maps)
 
 
 def _inpaint_inputs(req: Img2Img, image: Image.Image):
@@ -291,7 +282,8 @@ def _inpaint_inputs(req: Img2Img, image: Image.Image):
     return start, mask, overlay
 
 
-def _generation(task, req: Processing, checkpoint, call, seed, subseed, parameters, finish=None) -> Generation:
+def _generation(task, req: Processing, checkpoint, call, seed, subseed, parameters, finish=None,
+                extra_images=()) -> Generation:
     info = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "subseed_strength": req.subseed_strength,
             "width": req.width, "height": req.height, "sampler_name": req.sampler_name or req.sampler_index,
             "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": False,
@@ -302,39 +294,56 @@ def _generation(task, req: Processing, checkpoint, call, seed, subseed, paramete
             "extra_generation_params": {}, "index_of_first_image": 0, "styles": req.styles or [],
             "is_using_inpainting_conditioning": task == "inpaint", "version": f"sdrt {__version__}"}
     gen = Generation(task, checkpoint, call, seed, subseed, req.batch_size, req.n_iter, info, parameters,
-                     req.send_images, req.save_images)
+                     req.send_images, req.save_images, extra_images=list(extra_images))
     if finish is not None:
         gen.finish = finish
     return gen
 
 
 def execute(gen: Generation, pipe, job: Job, save_dir: Path | None) -> dict:
-    """Run ``gen`` batch by batch in the worker; /skip drops a batch, /interrupt ends the job early and
-    returns the images made so far (as A1111 does)."""
-    pics, seeds, texts, clip_skip = [], [], [], 1
+    """Run ``gen`` in the worker and answer with its images, then the ControlNet detected maps."""
+    out = run(gen, pipe, job)
+    if out.images:
+        out.images += gen.extra_images
+    return respond(gen, out, job, save_dir)
+
+
+def run(gen: Generation, pipe, job: Job, first_batch: int = 0) -> Outcome:
+    """Run ``gen`` batch by batch (``first_batch`` numbers them within a script's job); /skip drops a batch,
+    /interrupt ends the job early keeping the images made so far (as A1111 does)."""
+    out = Outcome()
     for n in range(gen.n_iter):
-        job.begin_batch(n)
+        job.begin_batch(first_batch + n)
         try:
             result = gen.call(pipe, gen.seed + n * gen.batch_size, job.step)
         except Skipped:
             continue
         except Interrupted:
             break
-        pics += [gen.finish(image) for image in result.images]
-        seeds += result.seeds
-        texts += result.infotexts
-        clip_skip = result.parameters["clip_skip"]
+        out.images += [gen.finish(image) for image in result.images]
+        out.infotexts += result.infotexts
+        out.seeds += result.seeds
+        out.prompts += [gen.info["prompt"]] * len(result.images)
+        out.negative_prompts += [gen.info["negative_prompt"]] * len(result.images)
+        out.clip_skip = result.parameters["clip_skip"]
+    return out
+
+
+def respond(gen: Generation, out: Outcome, job: Job, save_dir: Path | None) -> dict:
+    """The A1111 response body; images past the infotexts (detected maps) carry none."""
+    texts = out.infotexts + [""] * (len(out.images) - len(out.infotexts))
     stamp = time.strftime("%Y%m%d%H%M%S")
     if gen.save_images and save_dir is not None:
-        for i, (image, text) in enumerate(zip(pics, texts)):
-            (save_dir / f"{stamp}-{''.join(filter(str.isalnum, job.id))}-{i:02d}-{seeds[i]}.png").write_bytes(
+        for i, (image, text) in enumerate(zip(out.images, texts)):
+            seed = f"-{out.seeds[i - out.first]}" if 0 <= i - out.first < len(out.seeds) else ""
+            (save_dir / f"{stamp}-{''.join(filter(str.isalnum, job.id))}-{i:02d}{seed}.png").write_bytes(
                 base64.b64decode(encode_png(image, text)))
-    n = len(seeds) or 1
-    info = {**gen.info, "all_prompts": [gen.info["prompt"]] * n, "all_negative_prompts": [gen.info["negative_prompt"]] * n,
-            "seed": seeds[0] if seeds else gen.seed, "all_seeds": seeds,
-            "subseed": gen.subseed, "all_subseeds": [gen.subseed + i for i in range(len(seeds))],
-            "infotexts": texts, "job_timestamp": stamp, "clip_skip": clip_skip}
-    images = [encode_png(image, text) for image, text in zip(pics, texts)] if gen.send_images else []
+    info = {**gen.info, "all_prompts": out.prompts, "all_negative_prompts": out.negative_prompts,
+            "seed": out.seeds[0] if out.seeds else gen.seed, "all_seeds": out.seeds,
+            "subseed": gen.subseed, "all_subseeds": [gen.subseed + i for i in range(len(out.seeds))],
+            "index_of_first_image": out.first, "infotexts": out.infotexts, "job_timestamp": stamp,
+            "clip_skip": out.clip_skip}
+    images = [encode_png(image, text) for image, text in zip(out.images, texts)] if gen.send_images else []
     return {"images": images, "parameters": gen.parameters, "info": json.dumps(info)}
 
 

@@ -104,3 +104,13 @@ class ProgressRequest(BaseModel):
     id_task: str | None = None
     id_live_preview: int = -1
     live_preview: bool = True
+
+
+class DetectRequest(BaseModel):
+    """POST /controlnet/detect (sd-webui-controlnet); ``controlnet_images`` is what ``webuiapi`` sends."""
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: float = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1

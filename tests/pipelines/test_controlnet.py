@@ -41,33 +41,6 @@ STEPS = 5                      # test_parity runs 8; here each step also runs th
 TINY_LAYOUT = [[32, 1], [32, 1], [32, 1], [32, 2], [64, 2], [64, 2], [64, 2]]   # conv_in, 2 blocks of 2 + down
 
 
-def random_controlnet(model_dir, out, seed):
-    """A ControlNet copied from the tiny UNet, its zero-initialised convolutions made random (else it is a no-op)."""
-    unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    torch.manual_seed(seed)
-    net = diffusers.ControlNetModel.from_unet(unet)
-    for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
-        torch.nn.init.normal_(conv.weight, std=0.1)
-        torch.nn.init.normal_(conv.bias, std=0.1)
-    net.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def controlnet_dirs(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("controlnets")
-    return {name: random_controlnet(tiny_model_dir, root / name, seed) for name, seed in (("canny", 5), ("depth", 6))}
-
-
-@pytest.fixture(scope="session")
-def control_export(tmp_path_factory, tiny_model_dir, controlnet_dirs):
-    """The tiny model with both ControlNets; 'canny' named by default from its folder, 'depth' by NAME=."""
-    out = tmp_path_factory.mktemp("control_export") / "sdrt"
-    nets = (str(controlnet_dirs["canny"]), f"depth={controlnet_dirs['depth']}")
-    export(str(tiny_model_dir), out, ExportOptions(controlnets=nets), progress=False)
-    return out
-
-
 @pytest.fixture(scope="session")
 def inpaint_control_export(tmp_path_factory, tiny_inpaint_model_dir, controlnet_dirs):
     """No torch parity check here (control_export has one): test_inpaint_9_channel compares whole images."""

@@ -190,12 +190,15 @@ def test_listings(api, port):
     assert len(api.get_sd_models()) == 2 and api.get_sd_vae() == []
     assert {"Lanczos", "Nearest"} <= {u["name"] for u in api.get_upscalers()}
     assert {"Latent", "Latent (nearest-exact)"} <= {u["name"] for u in api.get_latent_upscale_modes()}
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    scripts = {"x/y/z plot", "prompt matrix", "prompts from file or textbox", "controlnet"}
+    assert {task: set(names) for task, names in api.get_scripts().items()} == {"txt2img": scripts, "img2img": scripts}
     assert api.get_loras() == [] and api.get_embeddings()["loaded"] == {}
     assert api.get_memory()["ram"]["total"] > 0 and api.get_cmd_flags()["listen"] is False
     idle = api.get_progress()
     assert idle["progress"] == 0 and idle["current_task"] is None and idle["current_image"] is None
-    assert requests.get(url(port, "script-info")).json() == []
+    info = {(s["name"], s["is_img2img"]): s for s in requests.get(url(port, "script-info")).json()}
+    assert len(info) == 8 and info["x/y/z plot", False]["args"][0]["label"] == "x_type"
+    assert info["controlnet", True]["is_alwayson"]
     r = requests.get(url(port, "samplers"))
     assert float(r.headers["X-Process-Time"]) >= 0
 
@@ -243,8 +246,8 @@ def test_sixteen_concurrent_clients(port, pipes, tiny_export):
     ({"sampler_name": "Restart"}, "txt2img", 404, "Sampler not found"),
     ({"scheduler": "exponential"}, "txt2img", 422, "Exponential"),
     ({"override_settings": {"sd_model_checkpoint": "nope"}}, "txt2img", 422, "nope"),
-    ({"script_name": "x/y/z plot"}, "txt2img", 422, "script"),
-    ({"alwayson_scripts": {"controlnet": {"args": []}}}, "txt2img", 422, "always on script"),
+    ({"script_name": "no such script"}, "txt2img", 422, "script 'no such script' not found"),
+    ({"alwayson_scripts": {"adetailer": {"args": []}}}, "txt2img", 422, "always on script"),
     ({"width": "wide"}, "txt2img", 422, "width"),
     ({"width": 60}, "txt2img", 422, "multiples of 8"),
     ({"steps": 151}, "txt2img", 422, "steps"),
