@@ -9,14 +9,13 @@ from . import manifest as mf
 from . import runtimes
 from .errors import InvalidRequest, ModelFolderError
 from .pipelines.control import ControlModels
-from .pipelines.pipeline import Models, StableDiffusion, Variants
+from .pipelines.pipeline import TILING, Models, StableDiffusion, Variant, Variants
 from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
-from .specs import SPECS, half
+from .specs import SPECS, half, unet_control
 from .weights.overrides import WeightOverrides
 
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
-TILING = "_tiling"          # suffix of a component's seamless-tiling graph, for WeightOverrides
 
 
 def load(folder: str | Path, runtime: str = "auto", precision: str | None = None, threads: int = 0,
@@ -71,34 +70,43 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
     loaded = {name: load_one(comp, SPECS[comp.spec]) for name, comp in components.items()}
     arch = manifest.architecture
     tokenizer = ClipTokenizer(folder / "tokenizer", arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
+    variants = _variants(manifest, load_one)
     models = Models(name=Path(manifest.source.rstrip("/")).stem or folder.name, arch=arch,
                     scheduler_config=json.loads((folder / "scheduler.json").read_text()),
-                    tokenizer=tokenizer, control=_control(manifest, load_one),
-                    tiling=Variants(manifest.tiling, load_one) if manifest.tiling else None, **loaded)
+                    tokenizer=tokenizer, control=_control(manifest, load_one, variants), variants=variants,
+                    **loaded)
 
     def reload(name: str, values):
-        if name == "unet_control":
-            return models.control.reload_unet(values)
-        if name.endswith(TILING):
-            return models.tiling.reload(name.removesuffix(TILING), values)
+        if variants is not None and name in variants.graphs:
+            return variants.reload(name, values)
         return load_one(components[name], SPECS[components[name].spec], values)
 
-    # graphs that stand for a component follow its LoRAs and weight overrides: the UNet taking ControlNet
-    # residuals, and the seamless-tiling graphs
-    twins = {"unet_control": "unet"} if models.control is not None else {}
-    twins |= {name + TILING: name for name in manifest.tiling}
-    extra = {"unet_control": manifest.unet_control, **{name + TILING: c for name, c in manifest.tiling.items()}}
+    # a variant graph follows the LoRAs and weight overrides of the component it stands for
+    extra = variants.graphs if variants is not None else {}
     graphs = {name: manifest.components[name].file for name in components}
+    graphs |= {name: v.component.file for name, v in extra.items()}
     precisions = {name: comp.precision for name, comp in components.items()}
-    graphs |= {name: extra[name].file for name in twins}
-    precisions |= {name: extra[name].precision for name in twins}
-    weights = WeightOverrides(folder, graphs, precisions, reload, models.name, lora_dir, twins=twins)
+    precisions |= {name: v.component.precision for name, v in extra.items()}
+    weights = WeightOverrides(folder, graphs, precisions, reload, models.name, lora_dir,
+                              twins={name: v.stands_for for name, v in extra.items()})
     return StableDiffusion(models, progress=progress, weights=weights)
 
 
-def _control(manifest: mf.Manifest, load_one) -> ControlModels | None:
-    """The export's ControlNets and residual UNet, loaded (ONNX files, on any backend) only when used."""
+def _layout(manifest: mf.Manifest) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(r) for r in manifest.architecture["control_residuals"])
+
+
+def _variants(manifest: mf.Manifest, load_one) -> Variants | None:
+    """The graphs standing for a component (ONNX files, on any backend), loaded only when used: the UNet taking
+    ControlNet residuals and the seamless-tiling graphs."""
+    graphs = {name + TILING: Variant(c, SPECS[c.spec], name) for name, c in manifest.tiling.items()}
+    if manifest.unet_control is not None:
+        graphs["unet_control"] = Variant(manifest.unet_control, unet_control(_layout(manifest)), "unet")
+    return Variants(graphs, load_one) if graphs else None
+
+
+def _control(manifest: mf.Manifest, load_one, variants: Variants | None) -> ControlModels | None:
+    """The export's ControlNets, loaded (ONNX files, on any backend) only when used."""
     if not manifest.controlnets:
         return None
-    layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
-    return ControlModels(manifest.controlnets, manifest.unet_control, layout, load_one)
+    return ControlModels(manifest.controlnets, _layout(manifest), load_one, variants)

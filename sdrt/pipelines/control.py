@@ -188,34 +188,23 @@ def _resample(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 @dataclass
 class ControlModels:
     """The export's ControlNets and the UNet taking their residuals, each loaded on its first use, so plain
-    generation never loads them. ``load(component, spec, initializers)`` is the loader's (backend, threads,
-    precision). The residual UNet runs with ``initializers``: the UNet's LoRAs and weight overrides."""
+    generation never loads them. ``load(component, spec)`` is the loader's (backend, threads, precision);
+    the residual UNet is the pipeline's variant graph ``unet_control`` (it runs the UNet's LoRAs)."""
     controlnets: dict[str, Any]                 # name -> manifest Component
-    unet_control: Any                           # manifest Component of unet_control.onnx
     layout: tuple[tuple[int, int], ...]         # (channels, downsampling) of every residual
     load: Callable[..., Runtime]
-    initializers: dict[str, np.ndarray] | None = None     # unet_control's merged weights; None: as exported
-    loaded: dict[str, Runtime] = field(default_factory=dict)
+    variants: Any                               # the pipeline's Variants, holding "unet_control"
+    loaded: dict[str, Runtime] = field(default_factory=dict)       # ControlNet name -> runtime
 
     def controlnet(self, name: str) -> Runtime:
         if name not in self.controlnets:
             raise InvalidRequest(f"ControlNet {name!r} is not in this export; it has: {', '.join(self.controlnets)}")
-        return self._get(f"controlnet/{name}", self.controlnets[name], specs.controlnet(self.layout))
+        if name not in self.loaded:
+            self.loaded[name] = self.load(self.controlnets[name], specs.controlnet(self.layout))
+        return self.loaded[name]
 
     def unet(self) -> Runtime:
-        return self._get("unet_control", self.unet_control, specs.unet_control(self.layout), self.initializers)
-
-    def reload_unet(self, initializers: dict[str, np.ndarray] | None) -> Runtime | None:
-        """Run the residual UNet with these weights from now on (now if it is loaded, else on first use)."""
-        self.initializers = initializers
-        if self.loaded.pop("unet_control", None) is None:
-            return None
-        return self.unet()
-
-    def _get(self, key: str, component, spec: specs.ComponentSpec, initializers=None) -> Runtime:
-        if key not in self.loaded:
-            self.loaded[key] = self.load(component, spec, initializers)
-        return self.loaded[key]
+        return self.variants.get("unet_control")
 
 
 @dataclass(frozen=True)

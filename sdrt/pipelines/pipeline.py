@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
-from ..specs import SPECS, VAE_FACTOR
+from ..specs import VAE_FACTOR, ComponentSpec
 from ..weights.overrides import WeightOverrides
 from . import images, prompts, resize, samplers, schedules
 from .conditioning import Conditioning, TextEncoder, TextOptions
@@ -29,6 +29,7 @@ from .tokenizer import ClipTokenizer
 
 MAX_SEED = 4294967294          # A1111 draws random seeds below this
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"      # CLIP's table; textual inversion extends it
+TILING = "_tiling"                         # a component's seamless-tiling graph: unet -> unet_tiling
 
 
 @dataclass
@@ -43,22 +44,31 @@ class Models:
     vae_decoder: Runtime
     vae_encoder: Runtime | None = None
     control: ControlModels | None = None      # the export's ControlNets, loaded on first use
-    tiling: Variants | None = None            # seamless-tiling (circular) UNet and VAE, loaded on first use
+    variants: Variants | None = None          # the ControlNet UNet and the seamless-tiling graphs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A graph standing for a component: it runs that component's weights (its LoRAs and overrides)."""
+    component: Any                              # manifest Component of the graph
+    spec: ComponentSpec
+    stands_for: str                             # "unet", "vae_decoder", ...
 
 
 @dataclass
 class Variants:
-    """Other graphs of some components (seamless tiling's circular-padded UNet and VAE), each loaded on first
-    use with the weights its component runs (its LoRAs and overrides: ``reload``)."""
-    components: dict[str, Any]                  # component -> manifest Component of its variant graph
+    """The export's variant graphs by name: ``unet_control`` (the UNet taking ControlNet residuals) and
+    ``<component>_tiling`` (seamless tiling's circular-padded UNet and VAE). Each is loaded on first use with
+    the weights its component runs (``reload``)."""
+    graphs: dict[str, Variant]
     load: Callable[..., Runtime]                # (manifest Component, spec, initializers) -> Runtime
     initializers: dict[str, dict | None] = field(default_factory=dict)
     loaded: dict[str, Runtime] = field(default_factory=dict)
 
     def get(self, name: str) -> Runtime:
         if name not in self.loaded:
-            component = self.components[name]
-            self.loaded[name] = self.load(component, SPECS[component.spec], self.initializers.get(name))
+            v = self.graphs[name]
+            self.loaded[name] = self.load(v.component, v.spec, self.initializers.get(name))
         return self.loaded[name]
 
     def reload(self, name: str, initializers: dict | None) -> Runtime | None:
@@ -333,7 +343,7 @@ class StableDiffusion:
 
     def _use(self, runtimes: dict[str, Runtime | None]) -> None:
         for name, runtime in runtimes.items():
-            if hasattr(self.models, name):       # not the ControlNet UNet: ControlModels holds it
+            if hasattr(self.models, name):       # not a variant graph: Variants holds those
                 setattr(self.models, name, runtime)
 
     # -- shared steps -------------------------------------------------------------------------------
@@ -425,13 +435,15 @@ class StableDiffusion:
         """The components ``req`` runs: with ``tiling``, the circular-padded UNet and VAE."""
         if not req.tiling:
             return self.models
-        variants = self.models.tiling
-        if variants is None:
+        variants = self.models.variants
+        graphs = variants.graphs if variants is not None else {}
+        tiling = {v.stands_for: name for name, v in graphs.items() if name.endswith(TILING)}
+        if not tiling:
             raise InvalidRequest("this export has no seamless-tiling graphs; re-export the model with "
                                  "`sdrt export MODEL OUT --tiling`")
         if req.control:
             raise InvalidRequest("seamless tiling together with ControlNet is not supported yet")
-        return replace(self.models, **{name: variants.get(name) for name in variants.components})
+        return replace(self.models, **{component: variants.get(name) for component, name in tiling.items()})
 
     def _encode(self, pixels: np.ndarray, gens, req: Request) -> np.ndarray:
         """VAE-encode and sample the latent distribution with each image's generator (diffusers' order)."""
@@ -494,12 +506,12 @@ def _draw(gens, shape) -> np.ndarray:
 
 def _runtimes(models: Models) -> list[tuple[str, Timed]]:
     """Every timed runtime of ``models`` with the component it counts for: the ControlNets as "controlnet",
-    the ControlNet and tiling UNets as "unet", the tiling VAE as the VAE."""
+    a variant graph as the component it stands for."""
     found = [(k, getattr(models, k)) for k in ("text_encoder", "unet", "vae_encoder", "vae_decoder")]
     if models.control is not None:
-        found += [("controlnet" if k.startswith("controlnet/") else "unet", r) for k, r in models.control.loaded.items()]
-    if models.tiling is not None:
-        found += list(models.tiling.loaded.items())
+        found += [("controlnet", r) for r in models.control.loaded.values()]
+    if models.variants is not None:
+        found += [(models.variants.graphs[k].stands_for, r) for k, r in models.variants.loaded.items()]
     return [(k, r) for k, r in found if isinstance(r, Timed)]
 
 

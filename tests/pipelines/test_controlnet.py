@@ -138,10 +138,10 @@ def test_control_graphs_follow_their_specs(control_export, backend_name):
 def test_plain_generation_loads_no_controlnet(control_export):
     p = sdrt.load(control_export, runtime=RUNTIME, progress=False)
     p.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, seed=1)
-    assert p.models.control.loaded == {}
+    assert p.models.control.loaded == {} and p.models.variants.loaded == {}
     p.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, seed=1,
               control=[Control(image=np.zeros((SIZE, SIZE, 3), np.uint8), model="depth")])
-    assert set(p.models.control.loaded) == {"controlnet/depth", "unet_control"}
+    assert set(p.models.control.loaded) == {"depth"} and set(p.models.variants.loaded) == {"unet_control"}
 
 
 def test_controlnet_names():
