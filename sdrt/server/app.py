@@ -109,6 +109,14 @@ class Service:
             raise InvalidRequest(str(e)) from None
         return await _wait(job, request)
 
+    def interrupt(self) -> None:
+        if (job := self.queue.current) is not None:
+            job.interrupted.set()
+
+    def skip(self) -> None:
+        if (job := self.queue.current) is not None:
+            job.skipped.set()
+
     def progress(self) -> dict:
         job = self.queue.current
         state = {"skipped": bool(job and job.skipped.is_set()), "interrupted": bool(job and job.interrupted.is_set()),
@@ -191,14 +199,12 @@ def _routes(s: Service) -> APIRouter:
 
     @r.post("/interrupt")
     def interrupt():
-        if (job := s.queue.current) is not None:
-            job.interrupted.set()
+        s.interrupt()
         return {}
 
     @r.post("/skip")
     def skip():
-        if (job := s.queue.current) is not None:
-            job.skipped.set()
+        s.skip()
         return {}
 
     @r.post("/png-info")

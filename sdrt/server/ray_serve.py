@@ -5,9 +5,10 @@ its own pipelines and job queue. Ray's proxy spreads requests over the replicas 
 removes replicas on the number of requests each one holds (running + queued).
 
 Held across replicas: the settings (POST /options, ``override_settings`` kept afterwards) go to one small
-store actor, and every replica takes the newer ones before it answers a request. Per replica: the job
-queue, so /progress, /interrupt, /skip and task ids (``force_task_id``, /internal/progress) only see the
-jobs of the replica the proxy sends that request to. Ray is imported only here (``pip install 'sdrt[ray]'``).
+store actor, and every replica takes the newer ones before it answers a request; /progress, /interrupt,
+/skip and /internal/progress ask every replica (a Serve broadcast, Ray >= 2.5x; on older Ray they see only
+the replica the proxy picked). Per replica: the job queue (``--queue-size`` each), loaded pipelines, task ids
+(``force_task_id`` is unique per replica only). Ray is imported only here (``pip install 'sdrt[ray]'``).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import time
 from dataclasses import dataclass, replace
 
 from ..errors import BackendUnavailable, InvalidRequest
-from .app import ServerOptions, create_app
+from .app import ServerOptions, Service, create_app
 
 log = logging.getLogger(__name__)
 NAMESPACE = "sdrt"              # Ray namespace of the settings store
 REPLICA_HEADER = b"x-sdrt-replica"
 CONTROL_REQUESTS = 4            # ongoing requests a replica takes past its queue: /progress, /options...
+BROADCAST_TIMEOUT = 10          # seconds to wait for every replica's answer to /progress and the like
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,23 @@ class SharedSettings:
         await self.app(scope, receive, tagged)
 
 
+class Replica:
+    """The deployment class. Its app (``self.app``) is built when the replica starts; these methods answer the
+    broadcasts of the other replicas, which ask every replica about its jobs."""
+
+    def replica_progress(self) -> dict:
+        return Service.progress(self.app.state.service)
+
+    def replica_task_progress(self, task_id: str | None) -> dict:
+        return Service.task_progress(self.app.state.service, task_id)
+
+    def replica_interrupt(self) -> None:
+        Service.interrupt(self.app.state.service)
+
+    def replica_skip(self) -> None:
+        Service.skip(self.app.state.service)
+
+
 def application(options: ServerOptions, scale: RayOptions, store):
     """The Serve application: ``scale``'s replicas, each building ``create_app(options)`` when it starts."""
     _, serve = _ray()
@@ -112,9 +131,37 @@ def application(options: ServerOptions, scale: RayOptions, store):
         app = create_app(options)
         app.add_middleware(SharedSettings, service=app.state.service, store=store,
                            replica=getattr(replica, "unique_id", None) or str(context.replica_tag))
+        if hasattr(serve.handle.DeploymentHandle, "broadcast"):       # Ray Serve >= 2.5x
+            _every_replica(app.state.service, lambda: serve.get_deployment_handle(scale.name, scale.name))
         return app
-    ingress = serve.ingress(build)()
-    return serve.deployment(ingress, **scale.deployment(options.queue_size)).bind()
+    return serve.deployment(serve.ingress(build)(Replica), **scale.deployment(options.queue_size)).bind()
+
+
+def _every_replica(service: Service, handle) -> None:
+    """Answer /progress, /internal/progress, /interrupt and /skip over the jobs of every replica: the proxy
+    sends such a request to any replica, seldom the busy one. Called from the routes' worker threads."""
+    def ask(method: str, *args) -> list:
+        answers = handle().broadcast(method, *args).results(timeout_s=BROADCAST_TIMEOUT, return_exceptions=True)
+        answers = [a for a in answers if not isinstance(a, BaseException)]  # a replica going away: skip it
+        if not answers:
+            raise BackendUnavailable(f"no replica answered {method} within {BROADCAST_TIMEOUT} s")
+        return answers
+    service.progress = lambda: merged_progress(ask("replica_progress"))
+    service.task_progress = lambda task_id: known_task(ask("replica_task_progress", task_id))
+    service.interrupt = lambda: ask("replica_interrupt") and None
+    service.skip = lambda: ask("replica_skip") and None
+
+
+def merged_progress(answers: list[dict]) -> dict:
+    """One /progress from every replica's: the job that started first, and every replica's queue."""
+    running = [a for a in answers if a["state"]["job"]]
+    first = min(running, key=lambda a: a["state"]["job_timestamp"]) if running else answers[0]
+    return {**first, "state": {**first["state"], "queued": sum(a["state"]["queued"] for a in answers)}}
+
+
+def known_task(answers: list[dict]) -> dict:
+    """One /internal/progress: the answer of the replica that knows the task (active, queued, then done)."""
+    return max(answers, key=lambda a: (a["active"], a["queued"], a["completed"]))
 
 
 def settings_store(name: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ from sdrt.server.ray_serve import NAMESPACE, RayOptions, application, settings_s
 
 SIZE, STEPS, PROMPT = 64, 3, "a red fox in the snow"
 CONCURRENT = 6
+LONG = 150                                # steps of a job still running when the test acts on it
 
 
 def free_port() -> int:
@@ -93,3 +95,26 @@ def test_options_hold_on_every_replica(port, pipe):
                            guidance_scale=7.0, clip_skip=2)
         assert np.abs(pixels(r.images[0]) - pixels(ref.images[0])).max() <= 1
         assert "Clip skip: 2" in r.info["infotexts"][0]
+
+
+def test_progress_and_interrupt_reach_the_busy_replica(port):
+    # the proxy sends these to the replica with fewer requests, the idle one: it must still see the running job
+    api = webuiapi.WebUIApi(port=port)
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(requests.post, f"http://127.0.0.1:{port}/sdapi/v1/txt2img", timeout=60, json={
+            "prompt": PROMPT, "seed": 1, "width": SIZE, "height": SIZE, "steps": LONG})
+        for _ in range(300):
+            progress = api.get_progress()
+            if progress["state"]["sampling_step"] > 1:
+                break
+            time.sleep(0.05)
+        assert progress["state"]["job"] == "txt2img" and progress["state"]["sampling_steps"] == LONG
+        tasks = [requests.post(f"http://127.0.0.1:{port}/internal/progress", timeout=30,
+                               json={"id_task": progress["current_task"]}) for _ in range(8)]
+        assert all(t.json()["active"] for t in tasks)
+        api.interrupt()
+        r = job.result(timeout=30)
+    assert r.status_code == 200 and r.json()["images"] == []     # stopped before its first image was done
+    busy = r.headers["x-sdrt-replica"]
+    assert any(t.headers["x-sdrt-replica"] != busy for t in tasks)
+    assert api.get_progress()["current_task"] is None
