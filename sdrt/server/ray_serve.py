@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from dataclasses import dataclass, replace
 
@@ -182,6 +183,7 @@ def serve(options: ServerOptions, scale: RayOptions) -> None:
     if options.threads == 0:
         options = replace(options, threads=max(int(scale.cpus_per_replica), 1))
     ray.init(address=scale.address, namespace=NAMESPACE, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)          # docker stop, systemd: clean up as on Ctrl-C
     try:
         rs.start(http_options={"host": options.host, "port": options.port})
         store = settings_store(scale.name)
@@ -192,6 +194,10 @@ def serve(options: ServerOptions, scale: RayOptions) -> None:
             time.sleep(3600)
     finally:
         _stop(ray, rs, scale.name)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _stop(ray, serve, name: str) -> None:
