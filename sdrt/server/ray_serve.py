@@ -6,8 +6,8 @@ removes replicas on the number of requests each one holds (running + queued).
 
 Held across replicas: the settings (POST /options, ``override_settings`` kept afterwards) go to one small
 store actor, and every replica takes the newer ones before it answers a request; /progress, /interrupt,
-/skip and /internal/progress ask every replica (a Serve broadcast, Ray >= 2.5x; on older Ray they see only
-the replica the proxy picked). Per replica: the job queue (``--queue-size`` each), loaded pipelines, task ids
+/skip and /internal/progress ask every replica (``DeploymentHandle.broadcast``, in Ray since 2026; on older
+Ray they see only the replica the proxy picked). Per replica: the job queue (``--queue-size`` each), loaded pipelines, task ids
 (``force_task_id`` is unique per replica only). Ray is imported only here (``pip install 'sdrt[ray]'``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .app import ServerOptions, Service, create_app
 log = logging.getLogger(__name__)
 NAMESPACE = "sdrt"              # Ray namespace of the settings store
 REPLICA_HEADER = b"x-sdrt-replica"
-CONTROL_REQUESTS = 4            # ongoing requests a replica takes past its queue: /progress, /options...
+PER_REPLICA = 3                 # requests a replica holds: a job, one waiting to start, room for /progress...
 BROADCAST_TIMEOUT = 10          # seconds to wait for every replica's answer to /progress and the like
 
 
@@ -52,13 +52,14 @@ class RayOptions:
             raise InvalidRequest("--cpus-per-replica and --target-ongoing-requests must be > 0")
 
     def deployment(self, queue_size: int) -> dict:
-        """Keyword arguments of ``serve.deployment``."""
+        """Keyword arguments of ``serve.deployment``. Requests past ``PER_REPLICA`` per replica wait in Ray's
+        router (``queue_size`` of them per proxy, then 503), where any replica, a new one too, takes them next."""
         scaling = ({"autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                            "initial_replicas": max(self.min_replicas, 1),
                                            "target_ongoing_requests": self.target_ongoing_requests}}
                    if self.min_replicas is not None else {"num_replicas": self.replicas})
         return {"name": self.name, "ray_actor_options": {"num_cpus": self.cpus_per_replica},
-                "max_ongoing_requests": queue_size + 1 + CONTROL_REQUESTS, **scaling}
+                "max_ongoing_requests": PER_REPLICA, "max_queued_requests": queue_size, **scaling}
 
 
 class SettingsStore:
@@ -132,8 +133,10 @@ def application(options: ServerOptions, scale: RayOptions, store):
         app = create_app(options)
         app.add_middleware(SharedSettings, service=app.state.service, store=store,
                            replica=getattr(replica, "unique_id", None) or str(context.replica_tag))
-        if hasattr(serve.handle.DeploymentHandle, "broadcast"):       # Ray Serve >= 2.5x
+        if hasattr(serve.handle.DeploymentHandle, "broadcast"):       # Ray 2026 releases (ray#61472)
             _every_replica(app.state.service, lambda: serve.get_deployment_handle(scale.name, scale.name))
+        checkpoints = app.state.service.checkpoints          # ready once loaded: autoscaling adds useful replicas
+        checkpoints.pipeline(checkpoints.all[0])             # no job runs yet, so the worker's pipeline is free
         return app
     return serve.deployment(serve.ingress(build)(Replica), **scale.deployment(options.queue_size)).bind()
 
@@ -182,7 +185,11 @@ def serve(options: ServerOptions, scale: RayOptions) -> None:
     ray, rs = _ray()
     if options.threads == 0:
         options = replace(options, threads=max(int(scale.cpus_per_replica), 1))
-    ray.init(address=scale.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        ray.init(address=scale.address, namespace=NAMESPACE, log_to_driver=False)
+    except ConnectionError as e:
+        raise BackendUnavailable(f"--address {scale.address}: {e}; start a cluster with `ray start --head` or "
+                                 "leave --address out to start Ray here") from None
     signal.signal(signal.SIGTERM, _interrupt)          # docker stop, systemd: clean up as on Ctrl-C
     try:
         rs.start(http_options={"host": options.host, "port": options.port})
