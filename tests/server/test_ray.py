@@ -118,3 +118,15 @@ def test_progress_and_interrupt_reach_the_busy_replica(port):
     busy = r.headers["x-sdrt-replica"]
     assert any(t.headers["x-sdrt-replica"] != busy for t in tasks)
     assert api.get_progress()["current_task"] is None
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--replicas", "2"], "--replicas needs --ray"),
+    (["--ray", "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "not both"),
+    (["--ray", "--min-replicas", "1"], "give both --min-replicas and --max-replicas"),
+    (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "need 0 <= --min-replicas <= --max-replicas"),
+])
+def test_cli_refuses_bad_scale_flags_before_starting_ray(tiny_export, capsys, flags, error):
+    from sdrt.cli import main
+    assert main(["serve", str(tiny_export), *flags]) == 2
+    assert error in capsys.readouterr().err and not ray.is_initialized()
