@@ -1,13 +1,14 @@
 """``sdrt serve --ray``: the same app as Ray Serve replicas behind Ray's HTTP proxy (DESIGN.md §9).
 
 Each replica builds the app of :func:`sdrt.server.create_app` (same routes, auth, limits, error bodies) with
-its own pipelines and job queue. Ray's proxy spreads requests over the replicas and its autoscaler adds or
-removes replicas on the number of requests each one holds (running + queued).
+its own pipelines and job queue. Ray's proxy spreads requests over the replicas (at most ``PER_REPLICA`` each;
+the rest wait in Ray's router for the first free replica) and its autoscaler adds or removes replicas on the
+number of requests each one holds.
 
 Held across replicas: the settings (POST /options, ``override_settings`` kept afterwards) go to one small
 store actor, and every replica takes the newer ones before it answers a request; /progress, /interrupt,
 /skip and /internal/progress ask every replica (``DeploymentHandle.broadcast``, in Ray since 2026; on older
-Ray they see only the replica the proxy picked). Per replica: the job queue (``--queue-size`` each), loaded pipelines, task ids
+Ray they see only the replica the proxy picked). Per replica: the job queue, the loaded pipelines, task ids
 (``force_task_id`` is unique per replica only). Ray is imported only here (``pip install 'sdrt[ray]'``).
 """
 from __future__ import annotations
