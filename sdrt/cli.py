@@ -148,6 +148,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-steps", type=int, default=150)
     v.add_argument("--max-images", type=int, default=16, help="max batch_size*n_iter per request")
     v.add_argument("--max-body-mb", type=float, default=64, help="max request body size")
+    v.add_argument("--threads", type=int, default=0, help="runtime intra-op threads per pipeline (default: the "
+                   "runtime decides; with --ray: --cpus-per-replica)")
+    r = v.add_argument_group("scale-out on Ray Serve (pip install 'sdrt[ray]')")
+    r.add_argument("--ray", action="store_true", help="serve the same API as Ray Serve replicas behind Ray's proxy")
+    r.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
+    r.add_argument("--max-replicas", type=int)
+    r.add_argument("--target-ongoing-requests", type=float, default=1.0, help="autoscaling aims at this many "
+                   "requests (running + queued) per replica (default 1)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves (default 1)")
+    r.add_argument("--address", help="Ray cluster to join: auto, or ray://HEAD:10001 (default: start Ray here)")
     v.set_defaults(run=_serve)
 
     from .benchmark import add_parser as add_bench      # numpy-only module; peers load in subprocesses
@@ -271,10 +282,28 @@ def _serve(args) -> int:
         args.outdir.mkdir(parents=True, exist_ok=True)
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
                     max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    serve(ServerOptions(folders=tuple(args.models), host=args.host, port=args.port, auth=args.api_auth or (),
-                        runtime=args.runtime, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                        queue_size=args.queue_size, limits=limits, outdir=args.outdir))
+    options = ServerOptions(folders=tuple(args.models), host=args.host, port=args.port, auth=args.api_auth or (),
+                            runtime=args.runtime, threads=args.threads, lora_dir=args.lora_dir,
+                            embeddings_dir=args.embeddings_dir, queue_size=args.queue_size, limits=limits,
+                            outdir=args.outdir)
+    if args.ray:
+        from .server import ray_serve
+        ray_serve.serve(options, _scale(args))
+    else:
+        given = [f for f in ("replicas", "min_replicas", "max_replicas", "address") if getattr(args, f) is not None]
+        if given:
+            raise InvalidRequest(f"--{given[0].replace('_', '-')} needs --ray")
+        serve(options)
     return 0
+
+
+def _scale(args):
+    from .server.ray_serve import RayOptions
+    if args.replicas is not None and args.min_replicas is not None:
+        raise InvalidRequest("give --replicas (fixed) or --min-replicas/--max-replicas (autoscaling), not both")
+    return RayOptions(replicas=1 if args.replicas is None else args.replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                      address=args.address, cpus_per_replica=args.cpus_per_replica)
 
 
 def _credentials(text: str) -> tuple[tuple[str, str], ...]:

@@ -36,6 +36,7 @@ class ServerOptions:
     port: int = 7860
     auth: tuple[tuple[str, str], ...] = ()          # (user, password) pairs; empty: no auth
     runtime: str = "auto"
+    threads: int = 0                                 # runtime intra-op threads; 0 lets the runtime decide
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
     queue_size: int = 32
@@ -56,13 +57,19 @@ class Service:
         self.checkpoints = Checkpoints(list(options.folders), load)
         self.settings = {**opts.DEFAULTS, "sd_model_checkpoint": self.checkpoints.all[0].title}
         self.queue = JobQueue(options.queue_size)
+        self.on_settings: Callable[[dict], None] = lambda values: None   # hears every change (Ray replicas)
 
     def current_options(self) -> dict:
         checkpoint = self.checkpoints.find(self.settings["sd_model_checkpoint"])
         return {**self.settings, "sd_checkpoint_hash": checkpoint.sha256}
 
     def set_options(self, values: dict) -> None:
-        self.settings |= opts.validated(values, self.checkpoints.find)
+        self.change_settings(opts.validated(values, self.checkpoints.find))
+
+    def change_settings(self, values: dict) -> None:
+        """Keep ``values`` (validated) as the settings from now on, and tell ``on_settings``."""
+        self.settings |= values
+        self.on_settings(values)
 
     async def generate(self, req, task: str, make: Callable, request: Request) -> dict:
         """Validate, queue, and wait for the job (cancelling it if the client goes away)."""
@@ -87,7 +94,7 @@ class Service:
         if work is None:
             gen = await run_in_threadpool(make, req, settings, self.checkpoints.find(settings["sd_model_checkpoint"]))
         if not req.override_settings_restore_afterwards:
-            self.settings |= over
+            self.change_settings(over)
 
         def run(job: Job) -> dict:
             if work is not None:
@@ -101,6 +108,14 @@ class Service:
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         return await _wait(job, request)
+
+    def interrupt(self) -> None:
+        if (job := self.queue.current) is not None:
+            job.interrupted.set()
+
+    def skip(self) -> None:
+        if (job := self.queue.current) is not None:
+            job.skipped.set()
 
     def progress(self) -> dict:
         job = self.queue.current
@@ -141,8 +156,8 @@ def create_app(options: ServerOptions, load: Callable[[Path], object] | None = N
         from ..loader import load as sdrt_load
 
         def load(folder):
-            return sdrt_load(folder, runtime=options.runtime, progress=False, lora_dir=options.lora_dir,
-                             embeddings_dir=options.embeddings_dir)
+            return sdrt_load(folder, runtime=options.runtime, threads=options.threads, progress=False,
+                             lora_dir=options.lora_dir, embeddings_dir=options.embeddings_dir)
     service = Service(options, load)
     app = FastAPI(title="sdrt", description="AUTOMATIC1111-compatible API served by sdrt")
     app.state.service = service
@@ -184,14 +199,12 @@ def _routes(s: Service) -> APIRouter:
 
     @r.post("/interrupt")
     def interrupt():
-        if (job := s.queue.current) is not None:
-            job.interrupted.set()
+        s.interrupt()
         return {}
 
     @r.post("/skip")
     def skip():
-        if (job := s.queue.current) is not None:
-            job.skipped.set()
+        s.skip()
         return {}
 
     @r.post("/png-info")
