@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidRequest, SdrtError
 from ..pipelines import resize, samplers
@@ -158,7 +159,7 @@ def create_app(options: ServerOptions, load: Callable[[Path], object] | None = N
     app.state.service = service
     _errors(app)
     app.add_middleware(Guard, max_body=options.limits.max_body_bytes)
-    secured = [Depends(_auth(options.auth))]
+    secured = [Depends(_auth(options.auth))] if options.auth else []     # no auth: Authorization is ignored
     app.include_router(_routes(service), prefix="/sdapi/v1", dependencies=secured)
     internal = APIRouter(dependencies=secured)
 
@@ -279,8 +280,6 @@ def _auth(pairs: tuple[tuple[str, str], ...]):
     basic = HTTPBasic(auto_error=False)
 
     def check(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if not pairs:
-            return
         ok = credentials is not None and any(
             secrets.compare_digest(credentials.username.encode(), user.encode())
             & secrets.compare_digest(credentials.password.encode(), password.encode()) for user, password in pairs)
@@ -313,8 +312,8 @@ def _errors(app: FastAPI) -> None:
         fields = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         return _error(422, e, fields)
 
-    @app.exception_handler(HTTPException)
-    async def http(request, e: HTTPException):
+    @app.exception_handler(StarletteHTTPException)    # FastAPI's own (unparsable body: 400) and routing's
+    async def http(request, e: StarletteHTTPException):
         return _error(e.status_code, e, e.detail, e.headers)
 
     @app.exception_handler(SdrtError)

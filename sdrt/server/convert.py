@@ -38,6 +38,7 @@ SUPPORTED_SCHEDULES = ("automatic", "uniform", "karras")
 DEFAULT_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras", "DPM2 a": "karras"}
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")      # img2img resize_mode 0, 1, 2
 INPAINTING_FILL = ("fill", "original")                                     # inpainting_fill 0, 1
+MAX_MASK_BLUR = 64                                                         # px, A1111's slider maximum
 
 
 class NotFound(InvalidRequest):
@@ -280,6 +281,8 @@ def _inpaint_inputs(req: Img2Img, image: Image.Image):
     image = resize_image(image, req.resize_mode, req.width, req.height)
     mask = resize_image(mask, req.resize_mode, req.width, req.height)
     blur = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
+    if not all(0 <= b <= MAX_MASK_BLUR for b in blur):
+        raise InvalidRequest(f"mask_blur (x, y) is {blur}; give values from 0 to {MAX_MASK_BLUR} pixels")
     if max(blur) > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     start = fill(image, mask) if req.inpainting_fill == 0 else image
