@@ -172,6 +172,8 @@ def check_limits(req: Processing, limits: Limits) -> None:
     for name, value, limit in checks:
         if value > limit:
             raise InvalidRequest(f"{name} is {value}; this server allows at most {limit}")
+    if req.width < 1 or req.height < 1:
+        raise InvalidRequest(f"width and height must be positive, not {req.width} and {req.height}")
     if req.batch_size < 1 or req.n_iter < 1:
         raise InvalidRequest(f"batch_size and n_iter must be >= 1, not {req.batch_size} and {req.n_iter}")
 
