@@ -372,7 +372,9 @@ class StableDiffusion:
 
     # -- shared steps -------------------------------------------------------------------------------
 
-    def _request(self, prompt: str, kwargs: dict) -> Request:
+    def _request(self, prompt: str | list[str], kwargs: dict) -> Request:
+        if isinstance(prompt, (list, tuple)) and "batch_size" not in kwargs:      # a prompt per image
+            kwargs = {**kwargs, "batch_size": len(prompt)}
         try:
             req = Request(prompt, **kwargs)
         except TypeError as e:

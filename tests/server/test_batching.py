@@ -147,3 +147,14 @@ def test_preview_renders_as_a1111(pipe, tiny_export):
             assert np.abs(shown - pixels(out.images)[0]).max() <= 1
         else:
             assert np.abs(shown - a1111_cheap(steps_latents[-1][0])).max() <= 1
+
+
+def test_pipeline_refuses_rows_it_cannot_batch(pipe):
+    small = dict(width=SIZE, height=SIZE, steps=1)
+    cases = [(dict(prompt=["a", "b"], batch_size=3), "batch_size (3)"),
+             (dict(prompt=["a <lora:grain:1>", "b"]), "<lora:...> tags"),
+             (dict(prompt=["a", ", ".join(["a very detailed painting of a fox"] * 12)]), "75-token chunks"),
+             (dict(prompt=["a", "b AND c"]), "AND sub-prompts")]
+    for kwargs, words in cases:
+        with pytest.raises(sdrt.errors.InvalidRequest, match=words.replace("(", r"\(").replace(")", r"\)")):
+            pipe.txt2img(kwargs.pop("prompt"), **kwargs, **small)
