@@ -80,7 +80,12 @@ class Job:
         """Sampler preview hook: render this step's denoised latents every ``preview_every`` steps."""
         every, step = self.preview_every, self.sampling_step
         if self.preview is not None and (step % every == 0 if every > 0 else step == self.sampling_steps):
-            self.current_image = self.preview(latents)
+            try:
+                self.current_image = self.preview(latents)
+            except Exception:                    # a preview is not worth failing the job for
+                log.warning("job %s: live preview failed; no more previews for it", self.id, exc_info=True)
+                self.preview = None
+                return
             self.id_live_preview += 1
 
     def begin_batch(self, number: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import sdrt
 
 webuiapi = pytest.importorskip("webuiapi")
 requests = pytest.importorskip("requests")
-from sdrt.server import ServerOptions, convert, create_app, preview  # noqa: E402
+from sdrt.server import ServerOptions, batching, convert, create_app, preview  # noqa: E402
 from sdrt.server import options as opts  # noqa: E402
 from sdrt.server.checkpoints import read  # noqa: E402
 from sdrt.server.jobs import Job  # noqa: E402
@@ -158,3 +159,27 @@ def test_pipeline_refuses_rows_it_cannot_batch(pipe):
     for kwargs, words in cases:
         with pytest.raises(sdrt.errors.InvalidRequest, match=words.replace("(", r"\(").replace(")", r"\)")):
             pipe.txt2img(kwargs.pop("prompt"), **kwargs, **small)
+
+
+def test_a_stopped_request_leaves_its_batch(pipe, tiny_export):
+    # /interrupt of one request (its client left) answers it at once with no images; the rest of the batch
+    # goes on and gets what it would alone; when every request is stopped, the batch stops
+    checkpoint = read(tiny_export)
+    settings = {**opts.DEFAULTS, "sd_model_checkpoint": checkpoint.title}
+
+    def batch():
+        gens = [convert.txt2img(Txt2Img(prompt=prompt, seed=seed, width=SIZE, height=SIZE, steps=STEPS,
+                                        sampler_name="Euler a"), settings, checkpoint)
+                for prompt, seed in (("a red fox", 5), ("a house", 6))]
+        return [Job(lambda job: None, batchable=batching.batchable(gen, lambda c: pipe, None)) for gen in gens]
+    jobs = batch()
+    assert jobs[0].batchable.key == jobs[1].batchable.key
+    jobs[0].interrupted.set()
+    answers = jobs[0].batchable.run(jobs)
+    assert answers[0] is None and json.loads(jobs[0].future.result()["info"])["all_seeds"] == []
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answers[1]["images"]]
+    assert np.abs(pixels(images) - pixels(alone(pipe, "a house", seed=6).images)).max() <= 1
+    jobs = batch()
+    for job in jobs:
+        job.interrupted.set()
+    assert jobs[0].batchable.run(jobs) == [None, None] and all(job.future.done() for job in jobs)
