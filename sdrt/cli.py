@@ -144,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (A1111's embeddings folder)")
     v.add_argument("--queue-size", type=int, default=32, help="requests that may wait; more get 503 (default 32)")
     v.add_argument("--outdir", type=Path, help="where requests with save_images write their PNGs")
+    v.add_argument("--batch-requests", type=int, default=1, metavar="N",
+                   help="run compatible waiting txt2img requests together, up to N images in one UNet batch "
+                        "(default 1: one request at a time)")
     v.add_argument("--max-pixels", type=int, default=2048 * 2048, help="max width*height per image")
     v.add_argument("--max-steps", type=int, default=150)
     v.add_argument("--max-images", type=int, default=16, help="max batch_size*n_iter per request")
@@ -278,6 +281,8 @@ def _serve(args) -> int:
                              "pip install 'sdrt[server]'") from None
     if args.queue_size < 1:
         raise InvalidRequest(f"--queue-size must be >= 1, not {args.queue_size}")
+    if args.batch_requests < 1:
+        raise InvalidRequest(f"--batch-requests must be >= 1, not {args.batch_requests}")
     if args.outdir:
         args.outdir.mkdir(parents=True, exist_ok=True)
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_images=args.max_images,
@@ -285,7 +290,8 @@ def _serve(args) -> int:
     options = ServerOptions(folders=tuple(args.models), host=args.host, port=args.port, auth=args.api_auth or (),
                             runtime=args.runtime, threads=args.threads, lora_dir=args.lora_dir,
                             embeddings_dir=args.embeddings_dir, queue_size=args.queue_size, limits=limits,
-                            outdir=args.outdir)
+                            outdir=args.outdir,
+                            batch_requests=args.batch_requests)
     if args.ray:
         from .server import ray_serve
         ray_serve.serve(options, _scale(args))

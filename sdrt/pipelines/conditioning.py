@@ -188,3 +188,34 @@ class Conditioning:
         blocks = ([at(self.uncond)] if self.uncond is not None else []) + conds
         return [np.repeat(b[None], self.batch_size, axis=0) for b in blocks]
 
+
+
+@dataclass
+class RowConditioning:
+    """The conditioning of a batch whose images have prompts of their own: one :class:`Conditioning` per
+    image (row), their blocks stacked row by row, so the rows still share each UNet call.
+
+    The rows must agree on everything but the text: guidance, the ``AND`` weights and, at every step, each
+    block's token count (prompts of 1 to 75 tokens always do); otherwise this raises InvalidRequest.
+    """
+    rows: list[Conditioning]
+    steps: int
+
+    def __post_init__(self):
+        first = self.rows[0]
+        same = all(r.weights == first.weights and r.plain == first.plain for r in self.rows) and all(
+            len({tuple(b.shape for b in r.blocks(step)) for r in self.rows}) == 1 for step in range(self.steps + 1))
+        if not same:
+            raise InvalidRequest("the prompts of one batch must have the same AND sub-prompts and weights, and "
+                                 "encode to the same number of 75-token chunks; run them as separate requests")
+
+    @property
+    def weights(self) -> list[float]:
+        return self.rows[0].weights
+
+    @property
+    def plain(self) -> bool:
+        return self.rows[0].plain
+
+    def blocks(self, step: int) -> list[np.ndarray]:
+        return [np.concatenate(row_blocks) for row_blocks in zip(*(r.blocks(step) for r in self.rows))]

@@ -19,7 +19,7 @@ from ..runtimes.base import Runtime, Timed
 from ..specs import VAE_FACTOR, ComponentSpec
 from ..weights.overrides import WeightOverrides
 from . import images, prompts, resize, samplers, schedules
-from .conditioning import Conditioning, TextEncoder, TextOptions
+from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
 from .embeddings import Embedding, Vocabulary, read_folder
@@ -101,9 +101,13 @@ class Result:
 
 @dataclass(frozen=True)
 class Request:
-    """The parameters every task shares. Seeds: image i uses ``seed + i`` (A1111); -1/None draws one."""
-    prompt: str
-    negative_prompt: str = ""
+    """The parameters every task shares. Seeds: image i uses ``seed + i`` (A1111); -1/None draws one.
+
+    ``prompt`` and ``negative_prompt`` may be lists of ``batch_size`` strings and ``seeds`` a list of
+    ``batch_size`` seeds: each image of the batch then has its own (the rows of one UNet batch).
+    """
+    prompt: str | list[str]
+    negative_prompt: str | list[str] = ""
     width: int = 512
     height: int = 512
     steps: int = 20
@@ -111,6 +115,7 @@ class Request:
     sampler: str = "Euler a"
     scheduler: str | None = None
     seed: int | None = None
+    seeds: list[int] | None = None        # one seed per image instead of seed + i
     batch_size: int = 1
     rng: str = "cpu"
     latents: np.ndarray | None = None
@@ -122,14 +127,33 @@ class Request:
     tiled_vae: bool = False               # VAE in overlapping tiles: bounded memory for large images
     tiling: bool = False                  # seamless tiling: an image whose opposite edges join (A1111's Tiling)
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
+    preview: Callable[[np.ndarray], None] | None = None   # then: that step's denoised latents (B, C, h, w)
 
     @property
     def text_options(self) -> TextOptions:
         return TextOptions(self.clip_skip, self.emphasis, self.comma_padding_backtrack)
 
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of each image."""
+        return [self.prompt] * self.batch_size if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        n = self.negative_prompt
+        return [n] * self.batch_size if isinstance(n, str) else list(n)
+
+    @property
+    def image_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.seed + i for i in range(self.batch_size)]
+
     def check(self, vae_factor: int) -> None:
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise InvalidRequest("prompt and negative_prompt must be strings")
+        for name, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            if not isinstance(text, str) and not (isinstance(text, (list, tuple)) and len(text) == self.batch_size
+                                                  and all(isinstance(t, str) for t in text)):
+                raise InvalidRequest(f"{name} must be a string, or a list of batch_size ({self.batch_size}) strings")
+        if self.seeds is not None and len(self.seeds) != self.batch_size:
+            raise InvalidRequest(f"seeds must be a list of batch_size ({self.batch_size}) seeds, not {self.seeds!r}")
         if self.width % vae_factor or self.height % vae_factor or self.width < 8 or self.height < 8:
             raise InvalidRequest(f"width and height have to be positive multiples of {vae_factor} "
                                  f"but are {self.width} and {self.height}")
@@ -348,7 +372,9 @@ class StableDiffusion:
 
     # -- shared steps -------------------------------------------------------------------------------
 
-    def _request(self, prompt: str, kwargs: dict) -> Request:
+    def _request(self, prompt: str | list[str], kwargs: dict) -> Request:
+        if isinstance(prompt, (list, tuple)) and "batch_size" not in kwargs:      # a prompt per image
+            kwargs = {**kwargs, "batch_size": len(prompt)}
         try:
             req = Request(prompt, **kwargs)
         except TypeError as e:
@@ -380,7 +406,7 @@ class StableDiffusion:
         """Plan the schedule, encode the prompts, prepare the start, run the sampler: final VP latents."""
         plan = samplers.plan(req.sampler, req.steps, self.models.scheduler_config, strength=req.strength,
                              scheduler=req.scheduler)
-        gens = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
+        gens = [make_generator(req.rng, seed) for seed in req.image_seeds]
         cond = self._conditioning(req, first_pass_steps)    # may switch LoRAs, i.e. the UNet runtime
         m = self._models(req)
         # the ControlNet wrapper asks the denoiser which model evaluation it is running (start/end)
@@ -396,6 +422,8 @@ class StableDiffusion:
             bar.update(1)
             if req.callback is not None:
                 req.callback(i + 1, total)
+            if req.preview is not None:
+                req.preview(denoised)
         with _progress(total, self.progress) as bar:
             x = plan.run(d, start.x.astype(np.float32), noise=lambda: _draw(gens, start.x.shape), callback=step)
         latents = (x / np.sqrt(1.0 + float(plan.sigmas[-1]) ** 2)).astype(np.float32)
@@ -404,11 +432,18 @@ class StableDiffusion:
     def _conditioning(self, req: Request, first_pass_steps: int | None = None) -> Conditioning:
         """The prompts' text conditioning over the steps (A1111 syntax: emphasis, BREAK, long prompts,
         prompt editing, AND, CLIP skip); ``<lora:...>`` tags are removed here (see ``_extra_networks``)."""
-        prompt, networks = prompts.extra_networks(req.prompt)
-        self._extra_networks(networks)
+        texts, networks = zip(*(prompts.extra_networks(p) for p in req.prompts))
+        if any(n != networks[0] for n in networks):
+            raise InvalidRequest("the prompts of one batch name different <lora:...> tags; a batch runs one set "
+                                 "of weights, so give every prompt the same tags")
+        self._extra_networks(networks[0])
         encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
-        return Conditioning.build(encode, prompt, req.negative_prompt, req.steps, req.guidance_scale > 1.0,
-                                  req.batch_size, first_pass_steps)
+        guidance = req.guidance_scale > 1.0
+        if isinstance(req.prompt, str) and isinstance(req.negative_prompt, str):
+            return Conditioning.build(encode, texts[0], req.negative_prompt, req.steps, guidance,
+                                      req.batch_size, first_pass_steps)
+        return RowConditioning([Conditioning.build(encode, text, negative, req.steps, guidance, 1, first_pass_steps)
+                                for text, negative in zip(texts, req.negative_prompts)], req.steps)
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
         unknown = sorted({n.kind for n in networks} - {"lora"})
@@ -471,7 +506,7 @@ class StableDiffusion:
                 for pic in images.to_pil(tiled(run, z[i:i + 1], self.factor) if req.tiled_vae else run(z[i:i + 1]))]
 
     def _result(self, req: Request, task: str, plan, pics, timings, extra: dict | None = None) -> Result:
-        seeds = [req.seed + i for i in range(len(pics))]
+        seeds = req.image_seeds[:len(pics)]
         params = {"Steps": req.steps, "Sampler": plan.label, "CFG scale": req.guidance_scale, "Seed": None,
                   "Size": f"{req.width}x{req.height}", "Model": self.models.name,
                   "Denoising strength": req.strength if task != "txt2img" else None,
@@ -482,8 +517,10 @@ class StableDiffusion:
         params |= {"Tiling": True if req.tiling else None, "Tiled VAE": True if req.tiled_vae else None,
                    **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(req.control or ())},
                    **(extra or {})}
-        texts = [images.infotext(req.prompt, req.negative_prompt, {**params, "Seed": s}) for s in seeds]
-        parameters = {"task": task, **{k: v for k, v in req.__dict__.items() if k not in ("latents", "callback")}}
+        texts = [images.infotext(p, n, {**params, "Seed": s})
+                 for p, n, s in zip(req.prompts, req.negative_prompts, seeds)]
+        parameters = {"task": task, **{k: v for k, v in req.__dict__.items()
+                                       if k not in ("latents", "callback", "preview")}}
         return Result(pics, seeds, texts, parameters, timings)
 
 

@@ -14,10 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidRequest, SdrtError
 from ..pipelines import resize, samplers
-from . import controlnet, convert, scripts
+from . import batching, controlnet, convert, preview, scripts
 from . import options as opts
 from .checkpoints import Checkpoints
 from .codec import encode_png
@@ -42,6 +43,7 @@ class ServerOptions:
     queue_size: int = 32
     limits: convert.Limits = field(default_factory=convert.Limits)
     outdir: Path | None = None                       # where save_images writes; None: save_images refused
+    batch_requests: int = 1                          # images per batch of compatible requests; 1: no batching
 
 
 class BodyTooLarge(HTTPException):
@@ -56,7 +58,7 @@ class Service:
         self.options = options
         self.checkpoints = Checkpoints(list(options.folders), load)
         self.settings = {**opts.DEFAULTS, "sd_model_checkpoint": self.checkpoints.all[0].title}
-        self.queue = JobQueue(options.queue_size)
+        self.queue = JobQueue(options.queue_size, max_rows=options.batch_requests)
         self.on_settings: Callable[[dict], None] = lambda values: None   # hears every change (Ray replicas)
 
     def current_options(self) -> dict:
@@ -100,7 +102,11 @@ class Service:
             if work is not None:
                 return scripts.execute(work, self.checkpoints.pipeline, job, self.options.outdir)
             return convert.execute(gen, self.checkpoints.pipeline(gen.checkpoint), job, self.options.outdir)
-        job = Job(run, name=task, count=gen.n_iter if work is None else work.batches)
+        job = Job(run, name=task, count=gen.n_iter if work is None else work.batches,
+                  preview=preview.renderer(settings, lambda: self.checkpoints.current),
+                  preview_every=settings["show_progress_every_n_steps"])
+        if work is None and self.options.batch_requests > 1:
+            job.batchable = batching.batchable(gen, self.checkpoints.pipeline, self.options.outdir)
         if req.force_task_id:
             job.id = req.force_task_id
         try:
@@ -110,29 +116,34 @@ class Service:
         return await _wait(job, request)
 
     def interrupt(self) -> None:
-        if (job := self.queue.current) is not None:
+        for job in self.queue.running:          # every request of a batch: they run as one
             job.interrupted.set()
 
     def skip(self) -> None:
-        if (job := self.queue.current) is not None:
+        for job in self.queue.running:
             job.skipped.set()
 
-    def progress(self) -> dict:
+    def progress(self, skip_current_image: bool = False) -> dict:
         job = self.queue.current
         state = {"skipped": bool(job and job.skipped.is_set()), "interrupted": bool(job and job.interrupted.is_set()),
                  "stopping_generation": False, "job": job.name if job else "", "job_count": job.count if job else 0,
                  "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at)) if job else "0",
                  "job_no": job.number if job else 0, "sampling_step": job.sampling_step if job else 0,
                  "sampling_steps": job.sampling_steps if job else 0, "queued": self.queue.waiting()}
+        image = job.current_image if job and not skip_current_image else None
         return {"progress": job.progress if job else 0.0, "eta_relative": job.eta if job else 0.0, "state": state,
-                "current_image": None, "textinfo": None, "current_task": job.id if job else None}
+                "current_image": encode_png(image, "") if image else None, "textinfo": None,
+                "current_task": job.id if job else None}
 
-    def task_progress(self, task_id: str | None) -> dict:
-        status, job = self.queue.find(task_id or "")
+    def task_progress(self, req: ProgressRequest) -> dict:
+        status, job = self.queue.find(req.id_task or "")
         active = status == "active"
+        image = job.current_image if active and req.live_preview else None
+        fresh = image is not None and job.id_live_preview != req.id_live_preview
         return {"active": active, "queued": status == "queued", "completed": status == "finished",
                 "progress": job.progress if active else None, "eta": job.eta if active else None,
-                "live_preview": None, "id_live_preview": -1,
+                "live_preview": "data:image/png;base64," + encode_png(image, "") if fresh else None,
+                "id_live_preview": job.id_live_preview if active else -1,
                 "textinfo": {"queued": "In queue...", "active": "Generating...", "finished": "Done",
                              "unknown": "Unknown task"}[status]}
 
@@ -163,13 +174,13 @@ def create_app(options: ServerOptions, load: Callable[[Path], object] | None = N
     app.state.service = service
     _errors(app)
     app.add_middleware(Guard, max_body=options.limits.max_body_bytes)
-    secured = [Depends(_auth(options.auth))]
+    secured = [Depends(_auth(options.auth))] if options.auth else []     # no auth: Authorization is ignored
     app.include_router(_routes(service), prefix="/sdapi/v1", dependencies=secured)
     internal = APIRouter(dependencies=secured)
 
     @internal.post("/internal/progress")
     def task_progress(req: ProgressRequest):
-        return service.task_progress(req.id_task)
+        return service.task_progress(req)
     app.include_router(internal)
     app.include_router(_controlnet_routes(service), prefix="/controlnet", dependencies=secured)
     app.router.on_shutdown.append(service.queue.close)
@@ -194,8 +205,8 @@ def _routes(s: Service) -> APIRouter:
         s.set_options(values)
 
     @r.get("/progress")
-    def progress(skip_current_image: bool = False):      # no live preview yet: current_image is null
-        return s.progress()
+    def progress(skip_current_image: bool = False):
+        return s.progress(skip_current_image)
 
     @r.post("/interrupt")
     def interrupt():
@@ -255,7 +266,7 @@ def _flags(o: ServerOptions) -> dict:
             "server_name": o.host, "port": o.port, "api_auth": "***" if o.auth else None,
             "ckpt_dir": [str(f) for f in o.folders], "lora_dir": str(o.lora_dir) if o.lora_dir else None,
             "embeddings_dir": str(o.embeddings_dir) if o.embeddings_dir else None, "runtime": o.runtime,
-            "queue_size": o.queue_size, "limits": o.limits.__dict__}
+            "queue_size": o.queue_size, "batch_requests": o.batch_requests, "limits": o.limits.__dict__}
 
 
 def _memory() -> dict:
@@ -282,8 +293,6 @@ def _auth(pairs: tuple[tuple[str, str], ...]):
     basic = HTTPBasic(auto_error=False)
 
     def check(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if not pairs:
-            return
         ok = credentials is not None and any(
             secrets.compare_digest(credentials.username.encode(), user.encode())
             & secrets.compare_digest(credentials.password.encode(), password.encode()) for user, password in pairs)
@@ -316,8 +325,8 @@ def _errors(app: FastAPI) -> None:
         fields = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         return _error(422, e, fields)
 
-    @app.exception_handler(HTTPException)
-    async def http(request, e: HTTPException):
+    @app.exception_handler(StarletteHTTPException)    # FastAPI's own (unparsable body: 400) and routing's
+    async def http(request, e: StarletteHTTPException):
         return _error(e.status_code, e, e.detail, e.headers)
 
     @app.exception_handler(SdrtError)

@@ -27,7 +27,7 @@ from PIL import Image
 from ..errors import InvalidRequest
 from ..pipelines import control as ctl
 from .checkpoints import Checkpoint
-from .convert import decode_image
+from .codec import decode_image
 
 TITLE = "ControlNet"                          # the always-on script, matched case-insensitively
 VERSION = 2                                   # sd-webui-controlnet's external_code.get_api_version()

@@ -38,6 +38,7 @@ SUPPORTED_SCHEDULES = ("automatic", "uniform", "karras")
 DEFAULT_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras", "DPM2 a": "karras"}
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")      # img2img resize_mode 0, 1, 2
 INPAINTING_FILL = ("fill", "original")                                     # inpainting_fill 0, 1
+MAX_MASK_BLUR = 64                                                         # px, A1111's slider maximum
 
 
 class NotFound(InvalidRequest):
@@ -59,8 +60,9 @@ class Limits:
 
 @dataclass
 class Generation:
-    """A validated request: ``call(pipe, seed, callback)`` runs one batch; ``finish`` post-processes each
-    image (the inpainting overlay)."""
+    """A validated request: ``call(pipe, seed, callback, preview)`` runs one batch; ``finish`` post-processes
+    each image (the inpainting overlay). ``batch_kwargs``: for a txt2img without ControlNet or hires fix, the
+    pipeline arguments besides prompt, negative prompt, seed and batch size (see ``batching``)."""
     task: str
     checkpoint: Checkpoint
     call: Callable
@@ -74,6 +76,7 @@ class Generation:
     save_images: bool
     finish: Callable[[Image.Image], Image.Image] = field(default=lambda image: image)
     extra_images: list[Image.Image] = field(default_factory=list)    # ControlNet detected maps
+    batch_kwargs: dict | None = None
 
 
 @dataclass
@@ -169,6 +172,8 @@ def check_limits(req: Processing, limits: Limits) -> None:
     for name, value, limit in checks:
         if value > limit:
             raise InvalidRequest(f"{name} is {value}; this server allows at most {limit}")
+    if req.width < 1 or req.height < 1:
+        raise InvalidRequest(f"width and height must be positive, not {req.width} and {req.height}")
     if req.batch_size < 1 or req.n_iter < 1:
         raise InvalidRequest(f"batch_size and n_iter must be >= 1, not {req.batch_size} and {req.n_iter}")
 
@@ -219,9 +224,12 @@ def txt2img(req: Txt2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
                       strength=0.75 if req.denoising_strength is None else req.denoising_strength,
                       sampler=hr_sampler, prompt=req.hr_prompt or None, negative_prompt=req.hr_negative_prompt or None)
 
-    def call(pipe, seed, callback):
-        return pipe.txt2img(req.prompt, hires=hires, seed=seed, callback=callback, **kwargs)
-    return _generation("txt2img", req, checkpoint, call, seed, subseed, req.model_dump(), extra_images=maps)
+    def call(pipe, seed, callback, preview):
+        return pipe.txt2img(req.prompt, hires=hires, seed=seed, callback=callback, preview=preview, **kwargs)
+    gen = _generation("txt2img", req, checkpoint, call, seed, subseed, req.model_dump(), extra_images=maps)
+    if not controls and hires is None:
+        gen.batch_kwargs = {k: v for k, v in kwargs.items() if k not in ("negative_prompt", "batch_size")}
+    return gen
 
 
 def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
@@ -245,13 +253,15 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
     if req.mask is None:
         image = resize_image(image, req.resize_mode, req.width, req.height)
 
-        def call(pipe, seed, callback):
-            return pipe.img2img(image, req.prompt, strength=strength, seed=seed, callback=callback, **kwargs)
+        def call(pipe, seed, callback, preview):
+            return pipe.img2img(image, req.prompt, strength=strength, seed=seed, callback=callback, preview=preview,
+                                **kwargs)
         return _generation("img2img", req, checkpoint, call, seed, subseed, parameters, extra_images=maps)
     image, mask, overlay = _inpaint_inputs(req, image)
 
-    def call(pipe, seed, callback):
-        return pipe.inpaint(image, mask, req.prompt, strength=strength, seed=seed, callback=callback, **kwargs)
+    def call(pipe, seed, callback, preview):
+        return pipe.inpaint(image, mask, req.prompt, strength=strength, seed=seed, callback=callback, preview=preview,
+                            **kwargs)
     return _generation("inpaint", req, checkpoint, call, seed, subseed, parameters, overlay, maps)
 
 
@@ -273,6 +283,8 @@ def _inpaint_inputs(req: Img2Img, image: Image.Image):
     image = resize_image(image, req.resize_mode, req.width, req.height)
     mask = resize_image(mask, req.resize_mode, req.width, req.height)
     blur = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
+    if not all(0 <= b <= MAX_MASK_BLUR for b in blur):
+        raise InvalidRequest(f"mask_blur (x, y) is {blur}; give values from 0 to {MAX_MASK_BLUR} pixels")
     if max(blur) > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     start = fill(image, mask) if req.inpainting_fill == 0 else image
@@ -315,7 +327,7 @@ def run(gen: Generation, pipe, job: Job, first_batch: int = 0) -> Outcome:
     for n in range(gen.n_iter):
         job.begin_batch(first_batch + n)
         try:
-            result = gen.call(pipe, gen.seed + n * gen.batch_size, job.step)
+            result = gen.call(pipe, gen.seed + n * gen.batch_size, job.step, job.show)
         except Skipped:
             continue
         except Interrupted:

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidRequest
 from ..pipelines.conditioning import EMPHASIS
+from .preview import RENDERERS
 
 RNG_SOURCES = {"CPU": "cpu", "GPU": "nv", "NV": "nv"}   # A1111 "GPU" on CUDA = Philox = its "NV" source
 
@@ -26,6 +27,14 @@ def _one_of(key: str, choices) -> Callable[[Any], str]:
     return check
 
 
+def _bool(key: str) -> Callable[[Any], bool]:
+    def check(value):
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{key} must be true or false, not {value!r}")
+        return value
+    return check
+
+
 # settings sdrt honours -> validator; other keys are stored and echoed back, as A1111 keeps them
 VALIDATORS = {
     "CLIP_stop_at_last_layers": _int("CLIP_stop_at_last_layers", 1, 32),
@@ -34,10 +43,13 @@ VALIDATORS = {
     "randn_source": _one_of("randn_source", tuple(RNG_SOURCES)),
     "samples_format": _one_of("samples_format", ("png",)),
     "sd_vae": _one_of("sd_vae", ("Automatic", "None")),
+    "live_previews_enable": _bool("live_previews_enable"),
+    "show_progress_every_n_steps": _int("show_progress_every_n_steps", -1, 1000),   # -1: at the end only
+    "show_progress_type": _one_of("show_progress_type", tuple(RENDERERS)),
 }
 DEFAULTS = {"CLIP_stop_at_last_layers": 1, "emphasis": "Original", "comma_padding_backtrack": 20,
             "randn_source": "CPU", "samples_format": "png", "sd_vae": "Automatic", "eta_noise_seed_delta": 0,
-            "live_previews_enable": False}
+            "live_previews_enable": True, "show_progress_every_n_steps": 10, "show_progress_type": "Approx cheap"}
 
 
 def validated(values: dict, find_checkpoint: Callable[[str], Any]) -> dict:

@@ -148,6 +148,24 @@ def test_batch_of_two(pipe, tiny_model_dir):
     assert np.abs(pixels(single)[0] - pixels(ours)[1]).max() <= 1      # image i is the image of seed + i
 
 
+def test_rows_with_their_own_prompts_and_seeds(pipe, tiny_model_dir):
+    # the batch the server's --batch-requests runs: each row its own prompt, negative prompt and seed;
+    # diffusers takes the same as prompt/negative_prompt lists and one generator per row
+    prompts, negatives, seeds = [PROMPT, "a blue car on a road"], [NEGATIVE, "dark, grainy"], [7, 1234]
+    ours = pipe.txt2img(prompts, negative_prompt=negatives, seeds=seeds, batch_size=2, width=SIZE, height=SIZE,
+                        steps=STEPS, sampler="Euler a")
+    assert ours.seeds == seeds and ours.infotexts[1].startswith("a blue car on a road\nNegative prompt: dark, grainy")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                            requires_safety_checker=False)
+    cls, extra = samplers.DIFFUSERS_EQUIVALENT["Euler a"]
+    ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config, **extra)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS, guidance_scale=7.5,
+                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], height=SIZE, width=SIZE,
+                 output_type="np").images
+    compare("txt2img[rows of their own]", ours, (theirs * 255).round().astype(np.int16))
+
+
 def test_v_prediction(tiny_vpred_export, tiny_vpred_model_dir):
     p = sdrt.load(tiny_vpred_export, runtime=RUNTIME, progress=False)
     for sampler in ("Euler", "DPM++ 2M Karras", "DDIM"):

@@ -255,9 +255,17 @@ def test_sixteen_concurrent_clients(port, pipes, tiny_export):
     ({"subseed_strength": 0.5}, "txt2img", 422, "subseed_strength"),
     ({"tiling": True}, "txt2img", 422, "tiling"),
     ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "txt2img", 422, "upscaler"),
+    ({"init_images": [b64(Image.new("RGB", (SIZE, SIZE)))], "width": -64}, "img2img", 422, "positive"),
+    ({"init_images": [b64(Image.new("RGB", (SIZE, SIZE)))], "mask": b64(Image.new("L", (SIZE, SIZE), 255)),
+      "inpaint_full_res": False, "mask_blur_x": 10 ** 9}, "img2img", 422, "mask_blur"),
+    ("not json {", "txt2img", 422, "JSON decode error"),
+    (b"\xff\xfe\x00", "txt2img", 400, "parsing the body"),
 ])
 def test_bad_input_gets_a1111_errors(port, payload, route, status, words):
-    r = requests.post(url(port, route), json={"width": SIZE, "height": SIZE, "steps": 2, **payload})
+    if isinstance(payload, (str, bytes)):  # not JSON at all
+        r = requests.post(url(port, route), data=payload, headers={"Content-Type": "application/json"})
+    else:
+        r = requests.post(url(port, route), json={"width": SIZE, "height": SIZE, "steps": 2, **payload})
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == ERROR_KEYS and words in body["detail"] + body["errors"]
