@@ -175,7 +175,7 @@ class OrtRuntime:
         so.intra_op_num_threads = options.threads
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[options.optimization])
         installed = ort.get_available_providers()
-        gpu = [p for p in GPU_PROVIDERS if p in installed] and options.providers is None
+        gpu = any(p in GPU_PROVIDERS for p in (options.providers or installed))   # probed only when they matter
         providers = choose_providers(options.providers, installed, broken_providers() if gpu else None)
         self.spec, self.path = spec, Path(path)
         model, self._replaced = (replace_initializers(ort, so, path, initializers) if initializers
