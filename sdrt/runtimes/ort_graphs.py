@@ -50,12 +50,17 @@ def fuse(source: Path, target: Path, component: str, cpu_only: bool = False, fp1
         model = optimize_model(str(source), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                                optimization_options=fusion_options(model_type, cpu_only), use_gpu=not cpu_only)
     if fp16:
-        model.convert_float_to_float16(keep_io_types=True, op_block_list=FP32_OPS)
+        half(model)
     external = Path(str(source) + "_data").is_file()
     model.save_model_to_file(str(target), use_external_data_format=external, all_tensors_to_one_file=True)
     fused = collections.Counter(n.op_type for n in model.model.graph.node if n.domain == "com.microsoft")
     log.info("onnxruntime: %s fused: %s", component, dict(fused))
     return dict(fused)
+
+
+def half(model) -> None:
+    """Convert an ``OnnxModel`` to fp16 in place, keeping fp32 inputs and outputs and the :data:`FP32_OPS`."""
+    model.convert_float_to_float16(keep_io_types=True, op_block_list=FP32_OPS)
 
 
 @contextlib.contextmanager
