@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SCHEME = "qdq-v1"               # bump when the recipe below changes: it is part of the build cache key
 # TensorRT's explicit quantization takes symmetric int8 only (zero point 0, activations and weights, 8 bits)
-SYMMETRIC_SCHEME = "qdq-symmetric-v1"
+SYMMETRIC_SCHEME = "qdq-symmetric-v1"   # and float biases
 OP_TYPES = ["Conv", "Gemm", "MatMul"]
 KEPT_CONVS = ("conv_in", "conv_out", "conv_shortcut")      # diffusers module names
 
@@ -68,7 +68,8 @@ def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.nda
     """Write the QDQ int8 UNet of ``source`` (fp32 ONNX) to ``target``, calibrated on ``calibration``.
 
     ``symmetric`` (for TensorRT): int8 activations and weights with zero point 0 and all 8 bits, the only
-    form TensorRT's explicit quantization accepts; otherwise the CPU recipe (uint8 activations, 7-bit weights).
+    form TensorRT's explicit quantization accepts, biases left float (no int32 DequantizeLinear); otherwise the
+    CPU recipe (uint8 activations, 7-bit weights, int32 biases).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -82,7 +83,8 @@ def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.nda
                         reduce_range=not symmetric,
                         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else None,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+                        if symmetric else None,
                         use_external_data_format=source.with_name(source.name + "_data").is_file())
     finally:
         logging.getLogger().removeFilter(hint)
