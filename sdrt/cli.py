@@ -339,7 +339,7 @@ def _demo(args) -> int:
         t1 = time.perf_counter()
         export(str(source), root / "export", ExportOptions(overwrite=True))
         t2 = time.perf_counter()
-        if name == "openvino":                          # ONNX -> IR, compiled into its model cache
+        if name in ("openvino", "tensorrt"):            # ONNX -> IR (compiled into its model cache) / engines
             runtimes.build(root / "export", runtimes.BuildOptions(backend=name))
         t3 = time.perf_counter()
         pipe = load(root / "export", runtime=name)

@@ -25,7 +25,8 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
 
     Args:
         folder: the exported folder (holds ``sdrt.json``).
-        runtime: ``auto`` (best installed: OpenVINO, then ONNX Runtime) or a backend name, e.g. ``openvino``.
+        runtime: ``auto`` (the first installed and working of TensorRT, ONNX Runtime on a GPU provider, OpenVINO,
+            ONNX Runtime on the CPU) or a backend name, e.g. ``openvino``.
         precision: which build to run (``fp32``/``fp16``/``int8``); None takes the export's own precision when
             built, else the one present (for OpenVINO: the newest ``sdrt build``, else the exported ONNX).
         threads: intra-op threads for the runtime; 0 lets it decide.
@@ -34,8 +35,9 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
         lora_dir: where ``pipe.set_loras`` looks LoRA names up (``<name>.safetensors``, A1111's Lora folder).
         embeddings_dir: textual-inversion embeddings to use (A1111's ``embeddings`` folder); see
             ``StableDiffusion.load_embeddings``.
-        backend_options: passed to the backend's ``load`` (``providers=`` for ONNX Runtime, ``device=`` and
-            ``inference_precision=`` f32/bf16/f16 for OpenVINO).
+        backend_options: passed to the backend's ``load`` (``providers=``, ``io_binding=``, ``device_id=`` for ONNX
+            Runtime, ``device=`` and ``inference_precision=`` f32/bf16/f16 for OpenVINO, ``device=`` and
+            ``cuda_graph=`` for TensorRT).
     """
     folder = Path(folder)
     manifest = mf.read(folder, verify=verify)
