@@ -61,10 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                    "CUDA device (GPU, GPU.1); ONNX Runtime: GPU for fused CUDA graphs")
     r = b.add_argument_group("TensorRT shape range of a dynamic build (a request outside it is refused with the "
                              "flags to rebuild with)")
-    r.add_argument("--min", type=_size, dest="min_size", metavar="WIDTHxHEIGHT", help="smallest image (default 256x256)")
+    r.add_argument("--min", type=_size, dest="min_size", metavar="WIDTHxHEIGHT",
+                   help="smallest image (default 256x256)")
     r.add_argument("--opt", type=_size, dest="opt_size", metavar="WIDTHxHEIGHT",
                    help="the size kernels are tuned for (default: the model's native size)")
-    r.add_argument("--max", type=_size, dest="max_size", metavar="WIDTHxHEIGHT", help="largest image (default 1024x1024)")
+    r.add_argument("--max", type=_size, dest="max_size", metavar="WIDTHxHEIGHT",
+                   help="largest image (default 1024x1024)")
     r.add_argument("--max-batch", type=int, help="images per request, up to (default 4; the UNet sees 2 per image)")
     r.add_argument("--prompt-chunks", type=int,
                    help="77-token prompt chunks the UNet takes, up to (default 3 dynamic, 1 with --static)")

@@ -81,7 +81,7 @@ def choose_providers(requested: tuple[str, ...] | None, installed: list[str],
                                  f"installed: {installed}")
     failing = {p: broken[p] for p in requested if p in broken}
     if failing:
-        raise BackendUnavailable(f"ONNX Runtime providers cannot run here: "
+        raise BackendUnavailable("ONNX Runtime providers cannot run here: "
                                  + "; ".join(f"{p}: {why}" for p, why in failing.items()))
     return list(requested)
 

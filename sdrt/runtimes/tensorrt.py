@@ -127,7 +127,8 @@ def misfit(spec: ComponentSpec, name: str, shapes: Mapping[str, tuple], profile:
     if static:
         flags = f"--static {asked or 'WIDTHxHEIGHT'} --batch {batch}"
     else:
-        flags = f"--max {_grown(built[1], asked)} --max-batch {max(batch, _batch(spec, {n: p[2] for n, p in profile.items()}))}"
+        most = _batch(spec, {n: p[2] for n, p in profile.items()})
+        flags = f"--max {_grown(built[1], asked)} --max-batch {max(batch, most)}"
     if not static and asked and built[0] and _shrunk(built[0], asked) != built[0]:
         flags = f"--min {_shrunk(built[0], asked)} " + flags     # smaller than the smallest size built
     tokens = shapes.get("encoder_hidden_states")
@@ -193,6 +194,7 @@ class TrtRuntime:
                                      "another TensorRT version or for another GPU); `sdrt build` it again")
         self.context = self.engine.create_execution_context()
         self.stream = check(rt.cudaStreamCreate())
+        self._handle = int(self.stream)         # TensorRT takes the stream as an integer handle
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.inputs = [n for n in names if is_input[n]]
@@ -246,13 +248,13 @@ class TrtRuntime:
         if self._graph is not None:
             check(rt.cudaGraphLaunch(self._graph, self.stream))
             return
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(self._handle):
             raise BackendUnavailable(f"{self.spec.name}: TensorRT inference failed (see the log)")
         if self.cuda_graph:
             check(rt.cudaStreamSynchronize(self.stream))
             mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             check(rt.cudaStreamBeginCapture(self.stream, mode))
-            self.context.execute_async_v3(self.stream)
+            self.context.execute_async_v3(self._handle)
             graph = check(rt.cudaStreamEndCapture(self.stream))
             self._graph = check(rt.cudaGraphInstantiate(graph, 0))
             check(rt.cudaGraphDestroy(graph))
@@ -272,16 +274,17 @@ class TrtRuntime:
         if unknown:
             raise ModelFolderError(f"{self.spec.name}: the engine has no refittable weights {unknown[:3]} "
                                    f"({len(unknown)} missing); rebuild it with `sdrt build --backend tensorrt`")
+        kept = []                       # TensorRT reads the host arrays until refit_cuda_engine returns
         for name in sorted(set(values) | self._refitted):
-            self._set_weights(trt, refitter, name, values.get(name))
+            kept.append(self._set_weights(trt, refitter, name, values.get(name)))
         for name in refitter.get_missing_weights():     # weights TensorRT fused with the ones set
-            self._set_weights(trt, refitter, name, values.get(name))
+            kept.append(self._set_weights(trt, refitter, name, values.get(name)))
         if not refitter.refit_cuda_engine():
             raise BackendUnavailable(f"{self.spec.name}: TensorRT refused the new weights (see the log)")
         self._refitted = set(values)
         self._graph = None              # recapture: a graph may hold pointers to the old weights
 
-    def _set_weights(self, trt, refitter, name: str, value: np.ndarray | None) -> None:
+    def _set_weights(self, trt, refitter, name: str, value: np.ndarray | None) -> np.ndarray:
         prototype = refitter.get_weights_prototype(name)
         value = self._original(name) if value is None else value
         value = np.ascontiguousarray(value, dtype=trt.nptype(prototype.dtype))
@@ -289,9 +292,9 @@ class TrtRuntime:
             raise InvalidRequest(f"{self.spec.name}: '{name}' has {value.size} values, the engine's weight "
                                  f"{prototype.size}; a shape change (e.g. embeddings adding tokens to the text "
                                  "encoder) needs another engine: load with runtime='onnxruntime' for that")
-        self._keep = getattr(self, "_keep", []) + [value]       # TensorRT reads host weights until the refit
         if not refitter.set_named_weights(name, trt.Weights(value)):
             raise BackendUnavailable(f"{self.spec.name}: TensorRT rejected the weights '{name}'")
+        return value
 
     def _original(self, name: str) -> np.ndarray:
         if self.source is None:
@@ -333,9 +336,9 @@ def load(path: Path, spec: ComponentSpec, threads: int = 0, initializers: Mappin
     ``threads`` is accepted for the common signature and ignored."""
     path = Path(path)
     folder = next((p for p in path.resolve().parents if (p / mf.MANIFEST).is_file()), None)
-    engine, source = (path, _source(folder, path)) if path.suffix == ".engine" else _engine_of(folder, path)
-    runtime = TrtRuntime(_plan(engine, engine.stat().st_mtime_ns), spec, source, device_index(device),
-                         cuda_graph, folder)
+    index = device_index(device)
+    engine, source = (path, _source(folder, path)) if path.suffix == ".engine" else _engine_of(folder, path, index)
+    runtime = TrtRuntime(_plan(engine, engine.stat().st_mtime_ns), spec, source, index, cuda_graph, folder)
     if initializers:
         runtime.refit(initializers)
     return runtime
@@ -350,12 +353,12 @@ def _source(folder: Path | None, engine: Path) -> Path | None:
     return folder / comp["source"] if comp else None
 
 
-def _engine_of(folder: Path | None, onnx: Path) -> tuple[Path, Path]:
+def _engine_of(folder: Path | None, onnx: Path, device: int = 0) -> tuple[Path, Path]:
     """The newest intact engine built from ``onnx`` for this GPU and TensorRT version."""
     if folder is not None:
         rel = str(onnx.resolve().relative_to(folder.resolve()))
         found = _newest(folder, mf.read(folder, verify=False), None, lambda r: any(
-            c["source"] == rel for c in r["components"].values()))
+            c["source"] == rel for c in r["components"].values()), device)
         if found is not None:
             entry, record = found
             comp = next(c for c in record["components"].values() if c["source"] == rel)
@@ -364,9 +367,9 @@ def _engine_of(folder: Path | None, onnx: Path) -> tuple[Path, Path]:
                            f"`sdrt build {folder or 'OUT'} --backend tensorrt` first")
 
 
-def _newest(folder: Path, manifest: mf.Manifest, precision: str | None, match=lambda r: True):
+def _newest(folder: Path, manifest: mf.Manifest, precision: str | None, match=lambda r: True, device: int = 0):
     version, sources = trt_module().__version__, trt_build.sources(manifest)
-    here = gpu(0)
+    here = gpu(device)
     return builds.newest(folder, folder / CACHE, lambda r: r.get("version") == version
                          and r.get("sources") == sources and r["options"]["gpu"]["name"] == here.name
                          and tuple(r["options"]["gpu"]["compute_capability"]) == here.compute_capability

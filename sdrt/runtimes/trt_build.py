@@ -138,7 +138,7 @@ def settings(manifest: mf.Manifest, options: builds.BuildOptions, gpu: Gpu) -> d
     profiles = {name: {k: [list(s) for s in v] for k, v in profile(spec, name, arch, shapes).items()}
                 for name, (_, spec) in graphs(manifest).items()}
     return {"scheme": SCHEME, "precision": prec, "static": shapes.static, "profiles": profiles,
-            "refit": sorted(n for n in profiles if n in REFITTABLE) if prec != "int8" else [],
+            "refit": sorted(n for n in profiles if n in REFITTABLE and not (prec == "int8" and n == "unet")),
             "gpu": {"name": gpu.name, "compute_capability": list(gpu.compute_capability)},
             "optimization_level": OPTIMIZATION_LEVEL}
 
@@ -179,7 +179,8 @@ def build_engine(trt, logger, onnx: Path, shapes: dict[str, tuple], prec: str, r
     ``strongly_typed`` (an fp16 export) keeps the graph's own types, so the fp32 islands sdrt's fp16 export keeps
     (softmax, GroupNorm, the timestep embedding) stay fp32; an fp32 export built at fp16 lets TensorRT pick
     fp16 kernels (``BuilderFlag.FP16``); int8 graphs carry QDQ nodes (explicit quantization) and build with
-    ``INT8`` and ``FP16`` so the layers between them run fp16.
+    ``INT8`` and ``FP16`` so the layers between them run fp16. (TensorRT 10.12 deprecates the FP16/INT8 flags in
+    favour of strongly typed networks; they still build.)
     """
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
@@ -220,6 +221,7 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     manifest = mf.read(folder)
     options.check(manifest.architecture.get("vae_factor", 8))
     gpu = backend.gpu(backend.device_index(options.device))
+    backend.check(backend.cudart().cudaSetDevice(gpu.index))       # TensorRT builds on the current device
     version = trt.__version__
     config = settings(manifest, options, gpu)
     if config["precision"] == "int8":
@@ -239,14 +241,17 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         if config["precision"] == "int8":
             record["int8"] = _quantize(folder, manifest, tmp, options, progress)
         for name, (comp, spec) in _bar(found.items(), "tensorrt: building engines", progress):
-            onnx = tmp / "unet.onnx" if name == "unet" and "int8" in record else folder / comp.file
+            int8 = name == "unet" and "int8" in record          # the other engines of an int8 build are fp16
+            prec = "int8" if int8 else ("fp16" if config["precision"] == "int8" else config["precision"])
             shapes = {k: tuple(map(tuple, v)) for k, v in config["profiles"][name].items()}
-            plan, cache = build_engine(trt, logger, onnx, shapes, config["precision"], name in config["refit"],
-                                       comp.precision == "fp16", cache)
+            plan, cache = build_engine(trt, logger, tmp / "unet.onnx" if int8 else folder / comp.file, shapes, prec,
+                                       name in config["refit"], comp.precision == "fp16", cache)
             (tmp / engine_file(name)).write_bytes(plan)
             record["components"][name] = {"spec": comp.spec, "file": engine_file(name), "source": comp.file,
-                                          "precision": config["precision"]}
-        (tmp / "unet.onnx").unlink(missing_ok=True)        # the QDQ graph lives on in the engine
+                                          "precision": prec}
+        for path in tmp.iterdir():              # the QDQ graph (and its external data) lives on in the engine
+            if path.suffix != ".engine":
+                path.unlink()
         save_atomically(timing, cache)
         builds.commit(tmp, entry, record)
     return entry

@@ -99,7 +99,7 @@ def test_fp16_export_profiles_and_refit_list():
     s = trt_build.settings(sd15(), BuildOptions(backend="tensorrt", precision="fp16"), H100)
     assert s["precision"] == "fp16" and s["refit"] == ["text_encoder", "unet", "unet_control"]
     s = trt_build.settings(sd15(), BuildOptions(backend="tensorrt", precision="int8"), H100)
-    assert s["refit"] == []                             # quantized weights are not LoRA-refittable
+    assert s["refit"] == ["text_encoder", "unet_control"]   # the quantized UNet is not LoRA-refittable
     half = {n: replace(c, precision="fp16") for n, c in sd15().components.items()}
     with pytest.raises(InvalidRequest, match="re-export without --fp16"):
         trt_build.settings(sd15(components=half), BuildOptions(backend="tensorrt", precision="int8"), H100)
