@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", default="auto")
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     g.add_argument("--threads", type=int, default=0)
-    g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU)")
+    g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU); TensorRT: GPU, GPU.1, ...")
     g.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
                    help="what OpenVINO computes in (default f32 on CPU; the CPU runs f16 as bf16 or f32)")
     g.add_argument("--output", type=Path, required=True, help="PNG path; batch image i > 0 gets a -i suffix")

@@ -323,9 +323,10 @@ def initializer(path: Path, name: str) -> np.ndarray:
     return np.fromfile(path.parent / t.file, dtype=t.dtype, count=count, offset=t.offset).reshape(t.shape)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _plan(path: Path, mtime_ns: int) -> bytes:
-    """An engine file's bytes, kept so that a LoRA reload deserializes without reading the disk again."""
+    """The bytes of an engine that takes new weights, kept so that the next LoRA change deserializes it without
+    reading the disk again (first loads read the file and keep nothing)."""
     return path.read_bytes()
 
 
@@ -333,12 +334,18 @@ def load(path: Path, spec: ComponentSpec, threads: int = 0, initializers: Mappin
          device: str | None = None, cuda_graph: bool = True) -> TrtRuntime:
     """A runtime for the engine ``path`` (or for the engine built from the ONNX graph ``path``, as the
     ControlNets and unet_control are named); ``initializers`` (ONNX name -> value) are refitted into it.
-    ``threads`` is accepted for the common signature and ignored."""
+    ``threads`` is accepted for the common signature and ignored.
+
+    The weights reload path (LoRAs, overrides: :class:`sdrt.weights.overrides.WeightOverrides`) calls this with
+    the merged initializers: the engine is deserialized again and refitted, never rebuilt; until the old
+    runtime is dropped both engines hold device memory.
+    """
     path = Path(path)
     folder = next((p for p in path.resolve().parents if (p / mf.MANIFEST).is_file()), None)
     index = device_index(device)
     engine, source = (path, _source(folder, path)) if path.suffix == ".engine" else _engine_of(folder, path, index)
-    runtime = TrtRuntime(_plan(engine, engine.stat().st_mtime_ns), spec, source, index, cuda_graph, folder)
+    plan = _plan(engine, engine.stat().st_mtime_ns) if initializers else engine.read_bytes()
+    runtime = TrtRuntime(plan, spec, source, index, cuda_graph, folder)
     if initializers:
         runtime.refit(initializers)
     return runtime

@@ -283,6 +283,7 @@ def test_refit_equals_a_fresh_build(tiny_export, engines, tmp_path):
     x = spec.sample(np.random.default_rng(0), B=2, H=64, W=64, S=77, D=32, C=4, CI=4)
     before = runtime.run(x)["out_sample"]
     runtime.refit(changed)
-    np.testing.assert_allclose(runtime.run(x)["out_sample"], fresh.run(x)["out_sample"], atol=1e-4, rtol=1e-4)
+    # two builds may pick other tactics (TF32 in fp32 engines); one shared timing cache makes that unlikely
+    np.testing.assert_allclose(runtime.run(x)["out_sample"], fresh.run(x)["out_sample"], atol=2e-3, rtol=2e-3)
     runtime.refit(None)
     np.testing.assert_array_equal(runtime.run(x)["out_sample"], before)
