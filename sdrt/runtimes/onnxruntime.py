@@ -196,6 +196,11 @@ class OrtRuntime:
         if not any(p in GPU_PROVIDERS for p in providers):
             return providers
         folder = next((p for p in self.path.resolve().parents if (p / mf.MANIFEST).is_file()), None)
+        if folder is not None and "TensorrtExecutionProvider" in providers:
+            try:
+                (folder / TRT_EP_CACHE).mkdir(parents=True, exist_ok=True)
+            except OSError:             # read-only export: the TensorRT EP rebuilds its engines every session
+                folder = None
         fp16 = any(t.dtype == "float16" for t in self.spec.inputs)
         return [(p, provider_options(p, folder, _profile(folder, self.spec), fp16, device_id))
                 if p in GPU_PROVIDERS else p for p in providers]

@@ -188,6 +188,13 @@ def test_a_request_outside_a_static_profile_names_the_static_flags():
         tensorrt.check_profile(UNET, feeds(4, 512, 512), static)
 
 
+def test_range_flags_are_tensorrt_only(tiny_export, capsys):
+    for backend_name, message in (("openvino", "--max set TensorRT shape ranges"),
+                                  ("onnxruntime", "and --max-batch apply to OpenVINO and TensorRT builds")):
+        assert main(["build", str(tiny_export), "--backend", backend_name, "--max", "768x768"]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(tensorrt.available(), reason="TensorRT works here")
 def test_without_tensorrt_the_backend_says_why(tiny_export, capsys):
     with pytest.raises(BackendUnavailable, match="runtime 'tensorrt' cannot run here: tensorrt is not installed"):
