@@ -282,7 +282,9 @@ class TrtRuntime:
         if not refitter.refit_cuda_engine():
             raise BackendUnavailable(f"{self.spec.name}: TensorRT refused the new weights (see the log)")
         self._refitted = set(values)
-        self._graph = None              # recapture: a graph may hold pointers to the old weights
+        if self._graph is not None:     # recapture: the graph may hold pointers to the old weights
+            check(cudart().cudaGraphExecDestroy(self._graph))
+            self._graph = None
 
     def _set_weights(self, trt, refitter, name: str, value: np.ndarray | None) -> np.ndarray:
         prototype = refitter.get_weights_prototype(name)
