@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 
 from . import manifest as mf
@@ -14,6 +15,8 @@ from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
 from .specs import SPECS, half, unet_control
 from .weights.overrides import WeightOverrides
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 
@@ -47,7 +50,16 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
         raise ModelFolderError(f"{folder}: the export lacks {missing}; re-export the model")
     # a backend with a build step (OpenVINO IR, TensorRT engines) names its newest build's files
     locate = getattr(backend, "artifacts", None)
-    components = locate(folder, manifest, precision) if locate else manifest.components
+    try:
+        components = locate(folder, manifest, precision) if locate else manifest.components
+    except ModelFolderError as e:
+        if runtime != "auto" or not getattr(backend, "RUNS_BUILDS_ONLY", False):
+            raise
+        name = backend.__name__.rsplit(".", 1)[-1]     # TensorRT without engines for this export: the next one
+        log.warning("runtime auto: not %s (%s)", name, e)
+        backend = runtimes.pick(runtime, exclude=(name,))
+        locate = getattr(backend, "artifacts", None)
+        components = locate(folder, manifest, precision) if locate else manifest.components
     precisions = {c.precision for c in components.values()}
     if precision is not None and precision not in precisions:
         raise InvalidRequest(f"{folder} has no {precision} build; it holds {sorted(precisions)}")

@@ -30,13 +30,15 @@ def backend(name: str):
     return module
 
 
-def pick(name: str = "auto"):
-    """Resolve ``auto`` to the best backend module that is installed and works here (:data:`AUTO`); each one
-    passed over is logged with the reason."""
+def pick(name: str = "auto", exclude: tuple[str, ...] = ()):
+    """Resolve ``auto`` to the best backend module that is installed and works here (:data:`AUTO`), other than
+    the ``exclude`` ones; each one passed over is logged with the reason."""
     if name != "auto":
         return backend(name)
     for candidate in AUTO:
         module_name, _, variant = candidate.partition("-")
+        if module_name in exclude:
+            continue
         try:
             module = backend(module_name)
             reason = module.gpu_unusable() if variant == "gpu" else None

@@ -35,6 +35,8 @@ from .trt_build import CACHE, Gpu, build  # noqa: F401  (build: `sdrt build --ba
 
 log = logging.getLogger(__name__)
 
+RUNS_BUILDS_ONLY = True     # no engine for an export: runtime="auto" goes on to the next runtime
+
 
 def trt_module():
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -162,7 +163,8 @@ def test_fusions_with_cpu_kernels_keep_the_numerics(cpu_fused, tmp_path, compone
         np.testing.assert_allclose(b, a, atol=1e-2 if fp16 else 1e-5, rtol=1e-2 if fp16 else 1e-5)
 
 
-def test_gpu_build_is_made_here_and_used_only_where_a_gpu_provider_works(tiny_export, monkeypatch, capsys):
+def test_gpu_build_is_made_here_and_used_only_where_a_gpu_provider_works(tiny_export, tmp_path, monkeypatch, capsys):
+    tiny_export = shutil.copytree(tiny_export, tmp_path / "export", ignore=shutil.ignore_patterns("cache"))
     assert main(["build", str(tiny_export), "--backend", "onnxruntime", "--device", "GPU", "--precision", "fp16"]) == 0
     entry = tiny_export / capsys.readouterr().out.strip().rsplit(" -> ", 1)[1].split(str(tiny_export) + "/")[1]
     record = json.loads((entry / "build.json").read_text())

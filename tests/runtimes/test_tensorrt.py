@@ -12,7 +12,7 @@ import pytest
 
 from sdrt import manifest as mf
 from sdrt.cli import main
-from sdrt.errors import BackendUnavailable, InvalidRequest, ProfileError
+from sdrt.errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
 from sdrt.runtimes import backend, tensorrt, trt_build
 from sdrt.runtimes.builds import BuildOptions
 from sdrt.specs import SPECS, UNET, controlnet, unet_control
@@ -202,6 +202,24 @@ def test_without_tensorrt_the_backend_says_why(tiny_export, capsys):
     assert main(["build", str(tiny_export), "--backend", "tensorrt"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install sdrt[tensorrt]" in err[0]
+
+
+def test_auto_goes_on_when_tensorrt_has_no_engines_for_the_export(tiny_export, monkeypatch, caplog):
+    """A stand-in for an installed TensorRT whose artifacts() finds no build (selection logic only)."""
+    import logging
+
+    import sdrt
+
+    def no_build(folder, manifest, precision=None):
+        raise ModelFolderError(f"{folder} has no TensorRT build for this GPU")
+    monkeypatch.setattr(tensorrt, "available", lambda: True)
+    monkeypatch.setattr(tensorrt, "artifacts", no_build)
+    with caplog.at_level(logging.WARNING):
+        pipe = sdrt.load(tiny_export, progress=False)
+    assert "runtime auto: not tensorrt (" in caplog.text and "has no TensorRT build" in caplog.text
+    assert type(pipe.models.unet.inner).__module__ in ("sdrt.runtimes.openvino", "sdrt.runtimes.onnxruntime")
+    with pytest.raises(ModelFolderError, match="has no TensorRT build"):
+        sdrt.load(tiny_export, runtime="tensorrt", progress=False)       # asked for by name: no fall-through
 
 
 # -- on a CUDA GPU with TensorRT ------------------------------------------------------------------------------
