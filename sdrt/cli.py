@@ -46,18 +46,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="also export circular-padded UNet and VAE graphs for seamless tiling (generate --tiling)")
     e.set_defaults(run=_export)
 
-    b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, ONNX Runtime int8), cached "
-                                     "in OUT/cache/")
+    b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, TensorRT engines, ONNX Runtime "
+                                     "int8 or GPU graphs), cached in OUT/cache/")
     b.add_argument("model", type=Path, help="an exported folder")
     b.add_argument("--backend", required=True,
-                   help="openvino (IR at any --precision), or onnxruntime (--precision int8 only: it runs the "
-                        "exported ONNX files as they are)")
+                   help="openvino (IR at any --precision), tensorrt (engines for this GPU), or onnxruntime "
+                        "(--precision int8 for the CPU, or --device GPU: fused graphs for the CUDA provider)")
     b.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                    help="default: the export's own; fp16: fp16 weights (OpenVINO); int8: quantized UNet")
     b.add_argument("--static", type=_size, metavar="WIDTHxHEIGHT",
                    help="fix every input shape for this image size (default: dynamic shapes)")
     b.add_argument("--batch", type=int, help="images per request of a --static build (default 1)")
-    b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU")
+    b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU; TensorRT: the "
+                   "CUDA device (GPU, GPU.1); ONNX Runtime: GPU for fused CUDA graphs")
+    r = b.add_argument_group("TensorRT shape range of a dynamic build (a request outside it is refused with the "
+                             "flags to rebuild with)")
+    r.add_argument("--min", type=_size, dest="min_size", metavar="WIDTHxHEIGHT",
+                   help="smallest image (default 256x256)")
+    r.add_argument("--opt", type=_size, dest="opt_size", metavar="WIDTHxHEIGHT",
+                   help="the size kernels are tuned for (default: the model's native size)")
+    r.add_argument("--max", type=_size, dest="max_size", metavar="WIDTHxHEIGHT",
+                   help="largest image (default 1024x1024)")
+    r.add_argument("--max-batch", type=int, help="images per request, up to (default 4; the UNet sees 2 per image)")
+    r.add_argument("--prompt-chunks", type=int,
+                   help="77-token prompt chunks the UNet takes, up to (default 3 dynamic, 1 with --static)")
     q = b.add_argument_group("int8 (--precision int8: NNCF for OpenVINO, static QDQ for ONNX Runtime, calibrated "
                              "by running the fp32 pipeline)")
     q.add_argument("--calibration-prompts", type=Path, metavar="FILE",
@@ -121,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--runtime", default="auto")
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     g.add_argument("--threads", type=int, default=0)
-    g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU)")
+    g.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU (default CPU); TensorRT: GPU, GPU.1, ...")
     g.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
                    help="what OpenVINO computes in (default f32 on CPU; the CPU runs f16 as bf16 or f32)")
     g.add_argument("--output", type=Path, required=True, help="PNG path; batch image i > 0 gets a -i suffix")
@@ -192,7 +204,9 @@ def _size(text: str) -> tuple[int, int]:
 def _build(args) -> int:
     from .runtimes import BuildOptions, build
     options = BuildOptions(backend=args.backend, precision=args.precision, static=args.static, batch=args.batch,
-                           device=args.device, calibration_prompts=args.calibration_prompts,
+                           device=args.device, min_size=args.min_size, opt_size=args.opt_size,
+                           max_size=args.max_size, max_batch=args.max_batch, prompt_chunks=args.prompt_chunks,
+                           calibration_prompts=args.calibration_prompts,
                            calibration_size=args.calibration_size, calibration_steps=args.calibration_steps,
                            calibration_resolution=args.calibration_resolution, min_cosine=args.min_cosine,
                            min_psnr=args.min_psnr)
@@ -362,7 +376,7 @@ def _demo(args) -> int:
         t1 = time.perf_counter()
         export(str(source), root / "export", ExportOptions(overwrite=True))
         t2 = time.perf_counter()
-        if name == "openvino":                          # ONNX -> IR, compiled into its model cache
+        if name in ("openvino", "tensorrt"):            # ONNX -> IR (compiled into its model cache) / engines
             runtimes.build(root / "export", runtimes.BuildOptions(backend=name))
         t3 = time.perf_counter()
         pipe = load(root / "export", runtime=name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from pathlib import Path
 
 from . import manifest as mf
@@ -15,6 +16,8 @@ from .runtimes.base import Timed
 from .specs import SPECS, half, unet_control
 from .weights.overrides import WeightOverrides
 
+log = logging.getLogger(__name__)
+
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 
 
@@ -25,7 +28,8 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
 
     Args:
         folder: the exported folder (holds ``sdrt.json``).
-        runtime: ``auto`` (best installed: OpenVINO, then ONNX Runtime) or a backend name, e.g. ``openvino``.
+        runtime: ``auto`` (the first installed and working of TensorRT, ONNX Runtime on a GPU provider, OpenVINO,
+            ONNX Runtime on the CPU) or a backend name, e.g. ``openvino``.
         precision: which build to run (``fp32``/``fp16``/``int8``); None takes the export's own precision when
             built, else the one present (for OpenVINO: the newest ``sdrt build``, else the exported ONNX).
         threads: intra-op threads for the runtime; 0 lets it decide.
@@ -34,8 +38,9 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
         lora_dir: where ``pipe.set_loras`` looks LoRA names up (``<name>.safetensors``, A1111's Lora folder).
         embeddings_dir: textual-inversion embeddings to use (A1111's ``embeddings`` folder); see
             ``StableDiffusion.load_embeddings``.
-        backend_options: passed to the backend's ``load`` (``providers=`` for ONNX Runtime, ``device=`` and
-            ``inference_precision=`` f32/bf16/f16 for OpenVINO).
+        backend_options: passed to the backend's ``load`` (``providers=``, ``io_binding=``, ``device_id=`` for ONNX
+            Runtime, ``device=`` and ``inference_precision=`` f32/bf16/f16 for OpenVINO, ``device=`` and
+            ``cuda_graph=`` for TensorRT).
     """
     folder = Path(folder)
     manifest = mf.read(folder, verify=verify)
@@ -45,7 +50,16 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
         raise ModelFolderError(f"{folder}: the export lacks {missing}; re-export the model")
     # a backend with a build step (OpenVINO IR, TensorRT engines) names its newest build's files
     locate = getattr(backend, "artifacts", None)
-    components = locate(folder, manifest, precision) if locate else manifest.components
+    try:
+        components = locate(folder, manifest, precision) if locate else manifest.components
+    except ModelFolderError as e:
+        if runtime != "auto" or not getattr(backend, "RUNS_BUILDS_ONLY", False):
+            raise
+        name = backend.__name__.rsplit(".", 1)[-1]     # TensorRT without engines for this export: the next one
+        log.warning("runtime auto: not %s (%s)", name, e)
+        backend = runtimes.pick(runtime, exclude=(name,))
+        locate = getattr(backend, "artifacts", None)
+        components = locate(folder, manifest, precision) if locate else manifest.components
     precisions = {c.precision for c in components.values()}
     if precision is not None and precision not in precisions:
         raise InvalidRequest(f"{folder} has no {precision} build; it holds {sorted(precisions)}")

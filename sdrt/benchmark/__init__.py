@@ -151,7 +151,10 @@ def _sdrt_jobs(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> li
             continue
         locate = getattr(backend, "artifacts", None)
         for precision in PRECISIONS:
-            components = locate(folder, manifest, precision) if locate else manifest.components
+            try:
+                components = locate(folder, manifest, precision) if locate else manifest.components
+            except SdrtError:           # TensorRT runs built engines only: no build at this precision
+                continue
             if precision in {c.precision for c in components.values()}:   # ONNX Runtime int8: the UNet
                 spec = {"kind": "sdrt", "runtime": name, "precision": precision, **_shared(options, folder)}
                 jobs.append((f"sdrt {name} {precision}", spec, sys.executable))

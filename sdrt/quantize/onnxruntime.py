@@ -32,13 +32,16 @@ from .quality import quality_report
 log = logging.getLogger(__name__)
 
 SCHEME = "qdq-v1"               # bump when the recipe below changes: it is part of the build cache key
+# TensorRT's explicit quantization takes symmetric int8 only (zero point 0, activations and weights, 8 bits)
+SYMMETRIC_SCHEME = "qdq-symmetric-v1"   # and float biases
 OP_TYPES = ["Conv", "Gemm", "MatMul"]
 KEPT_CONVS = ("conv_in", "conv_out", "conv_shortcut")      # diffusers module names
 
 
-def settings(manifest: mf.Manifest, options) -> dict:
+def settings(manifest: mf.Manifest, options, symmetric: bool = False) -> dict:
     """What makes an int8 build differ from another one: the recipe and the calibration."""
-    return {"scheme": SCHEME, **calibration_settings(calibration_options(manifest, options))}
+    return {"scheme": SYMMETRIC_SCHEME if symmetric else SCHEME,
+            **calibration_settings(calibration_options(manifest, options))}
 
 
 class FeedReader:
@@ -60,8 +63,14 @@ def kept_fp32(graph) -> list[str]:
             or (n.op_type == "Conv" and PurePosixPath(n.name).parent.name in KEPT_CONVS)]
 
 
-def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.ndarray]]) -> None:
-    """Write the QDQ int8 UNet of ``source`` (fp32 ONNX) to ``target``, calibrated on ``calibration``."""
+def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.ndarray]], symmetric: bool = False
+                  ) -> None:
+    """Write the QDQ int8 UNet of ``source`` (fp32 ONNX) to ``target``, calibrated on ``calibration``.
+
+    ``symmetric`` (for TensorRT): int8 activations and weights with zero point 0 and all 8 bits, the only
+    form TensorRT's explicit quantization accepts, biases left float (no int32 DequantizeLinear); otherwise the
+    CPU recipe (uint8 activations, 7-bit weights, int32 biases).
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     graph = onnx.load(str(source), load_external_data=False).graph
@@ -71,8 +80,11 @@ def quantize_unet(source: Path, target: Path, calibration: list[dict[str, np.nda
         _readable(source)
         quantize_static(str(source), str(target), FeedReader(calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=OP_TYPES, nodes_to_exclude=kept_fp32(graph), per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        reduce_range=not symmetric,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+                        if symmetric else None,
                         use_external_data_format=source.with_name(source.name + "_data").is_file())
     finally:
         logging.getLogger().removeFilter(hint)
@@ -95,9 +107,10 @@ class NoPreprocessingHint(logging.Filter):
         return "pre-processing" not in record.getMessage()
 
 
-def quantize_build(folder: Path, manifest: mf.Manifest, tmp: Path, options, progress: bool = True
-                   ) -> tuple[dict, dict]:
-    """Write the int8 UNet into ``tmp`` (a build being staged); its record components and quality report."""
+def quantize_build(folder: Path, manifest: mf.Manifest, tmp: Path, options, progress: bool = True,
+                   symmetric: bool = False) -> tuple[dict, dict]:
+    """Write the int8 UNet into ``tmp`` (a build being staged); its record components and quality report
+    (measured on ONNX Runtime's CPU provider; ``symmetric``: the TensorRT recipe, see :func:`quantize_unet`)."""
     from .. import loader
     from ..runtimes import onnxruntime as backend
     if sorted({c.precision for c in manifest.components.values()}) != ["fp32"]:
@@ -109,7 +122,7 @@ def quantize_build(folder: Path, manifest: mf.Manifest, tmp: Path, options, prog
     log.info("int8: %d UNet calibration inputs (%d prompts x %d steps, %dx%d)", len(feeds), calib.prompts,
              calib.steps, calib.width, calib.height)
     unet = manifest.components["unet"]
-    quantize_unet(folder / unet.file, tmp / "unet.onnx", feeds)
+    quantize_unet(folder / unet.file, tmp / "unet.onnx", feeds, symmetric)
     del feeds
     components = {"unet": {"spec": unet.spec, "file": "unet.onnx", "precision": "int8"}}
     candidate = {**manifest.components, "unet": replace(unet, file=str(tmp / "unet.onnx"), precision="int8")}

@@ -42,6 +42,12 @@ class BuildOptions:
     static: tuple[int, int] | None = None       # (width, height) in pixels; None keeps dynamic shapes
     batch: int | None = None                    # images per request; only with ``static`` (default 1)
     device: str = "CPU"
+    # TensorRT's shape range of a dynamic build (None: sdrt.runtimes.trt_build's defaults)
+    min_size: tuple[int, int] | None = None     # (width, height) in pixels
+    opt_size: tuple[int, int] | None = None
+    max_size: tuple[int, int] | None = None
+    max_batch: int | None = None                # images per request, up to
+    prompt_chunks: int | None = None            # 77-token prompt chunks the UNet takes, up to
     # --precision int8 only (None: the defaults of sdrt.quantize.calibration.CalibrationOptions)
     calibration_prompts: Path | None = None     # prompt file, one per line; None: sdrt's own prompt set
     calibration_size: int | None = None         # prompts to calibrate on
@@ -49,6 +55,12 @@ class BuildOptions:
     calibration_resolution: tuple[int, int] | None = None   # (width, height); default: static, else native
     min_cosine: float = 0.95                    # below these, the int8 quality report warns
     min_psnr: float = 20.0
+
+    def ranged(self) -> list[str]:
+        """The TensorRT range flags given (``--min``, ``--opt``, ``--max``, ``--max-batch``, ``--prompt-chunks``)."""
+        flags = {"--min": self.min_size, "--opt": self.opt_size, "--max": self.max_size,
+                 "--max-batch": self.max_batch, "--prompt-chunks": self.prompt_chunks}
+        return [flag for flag, v in flags.items() if v is not None]
 
     def check(self, factor: int = VAE_FACTOR) -> None:
         calibration = (self.calibration_prompts, self.calibration_size, self.calibration_steps,
@@ -64,6 +76,20 @@ class BuildOptions:
             raise InvalidRequest("--batch only applies to a static build; add --static WIDTHxHEIGHT")
         if self.batch is not None and self.batch < 1:
             raise InvalidRequest(f"--batch must be >= 1, not {self.batch}")
+        ranged = {"--min": self.min_size, "--opt": self.opt_size, "--max": self.max_size,
+                  "--max-batch": self.max_batch}
+        given = [flag for flag, v in ranged.items() if v is not None]
+        if given and self.static is not None:
+            raise InvalidRequest(f"{', '.join(given)} set the range of a dynamic build; --static fixes one size "
+                                 "(and --batch one batch): use one or the other")
+        for flag, size in ranged.items():
+            if flag != "--max-batch" and size is not None and (min(size) < factor or size[0] % factor
+                                                               or size[1] % factor):
+                raise InvalidRequest(f"{flag} {size[0]}x{size[1]}: width and height have to be positive "
+                                     f"multiples of {factor}")
+        for what, value in (("--max-batch", self.max_batch), ("--prompt-chunks", self.prompt_chunks)):
+            if value is not None and value < 1:
+                raise InvalidRequest(f"{what} must be >= 1, not {value}")
 
 
 def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batch: int) -> dict[str, tuple]:

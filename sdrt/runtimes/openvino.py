@@ -224,6 +224,9 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     folder = Path(folder)
     manifest = mf.read(folder)
     options.check(manifest.architecture.get("vae_factor", VAE_FACTOR))
+    if options.ranged():
+        raise InvalidRequest(f"{', '.join(options.ranged())} set TensorRT shape ranges; OpenVINO builds are dynamic, "
+                             "or static with --static WIDTHxHEIGHT --batch N")
     check_device(options.device)
     settings = {"precision": _precision(manifest, options.precision),
                 "static": list(options.static) if options.static else None,

@@ -122,6 +122,8 @@ def test_export_lists_controlnets_and_residual_unets(control_export, inpaint_con
 def test_control_graphs_follow_their_specs(control_export, backend_name):
     """Every installed backend runs both graphs with the spec's output names and shapes, at a size whose
     latent (5x7) is odd at every UNet level."""
+    if backend_name == "tensorrt":
+        pytest.skip("TensorRT runs engines built for production profiles: tests/runtimes/test_tensorrt.py (gpu)")
     backend = importlib.import_module(f"sdrt.runtimes.{backend_name}")
     if not backend.available():
         pytest.skip(f"{backend_name} is not installed")

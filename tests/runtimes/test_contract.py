@@ -17,6 +17,8 @@ COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
+    if request.param == "tensorrt":
+        pytest.skip("TensorRT runs engines built for production profiles: tests/runtimes/test_tensorrt.py (gpu)")
     module = importlib.import_module(f"sdrt.runtimes.{request.param}")
     if not module.available():
         pytest.skip(f"{request.param} is not installed")
