@@ -327,6 +327,7 @@ class StableDiffusion:
         if box is not None:
             box = masking.expand_crop_region(box, req.width, req.height, image.width, image.height)
             work, work_mask = (images.resize_image(im.crop(box), 2, req.width, req.height) for im in (image, mask))
+            req = replace(req, control=[_cropped(unit, box, image.size) for unit in req.control])
         else:
             work, work_mask = (images.resize_image(im, mode, req.width, req.height) for im in (image, mask))
         if fill == "fill":
@@ -337,8 +338,10 @@ class StableDiffusion:
                  "Mask mode": "Inpaint not masked" if invert_mask else None,
                  "Masked content": fill if fill != "original" else None,
                  "Inpaint area": "Only masked" if box else None, "Masked area padding": padding if box else None}
-        result = self._generate(req, "inpaint", lambda gens, plan: self._inpaint_start(req, pixels, m, gens, plan, fill),
-                                extra)
+
+        def start(gens, plan):
+            return self._inpaint_start(req, pixels, m, gens, plan, fill)
+        result = self._generate(req, "inpaint", start, extra)
         if box is not None:
             result.images = [masking.paste(pic, image, mask, box) for pic in result.images]
         return result
@@ -551,6 +554,15 @@ def _lora_tag(tag: prompts.ExtraNetwork) -> tuple[str, float]:
         return name, float(weights[0]) if weights else 1.0
     except ValueError:
         raise InvalidRequest(f"<lora:{':'.join(tag.args)}>: the weight must be a number") from None
+
+
+def _cropped(unit: Control, box: tuple[int, int, int, int], size: tuple[int, int]) -> Control:
+    """A ControlNet unit for the "Only masked" region: a control image the size of the inpainted picture is
+    cropped to the region (as sd-webui-controlnet does), others are kept."""
+    x1, y1, x2, y2 = box
+    if unit.image.shape[1::-1] != size:
+        return unit
+    return replace(unit, image=unit.image[y1:y2, x1:x2])
 
 
 def _draw(gens, shape) -> np.ndarray:
