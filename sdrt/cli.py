@@ -112,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", type=Path, help="PNG/JPEG for img2img or inpainting")
     g.add_argument("--strength", type=float, help="denoising strength (img2img 0.75, inpaint 1.0)")
     g.add_argument("--mask", type=Path, help="inpainting mask, white = repaint (same size as --init-image)")
+    g.add_argument("--resize-mode", default="0", metavar="MODE",
+                   help="fit --init-image to --width/--height as A1111: 0 just resize, 1 crop and resize, "
+                        "2 resize and fill, 3 just resize (latent upscale; img2img only)")
+    i = g.add_argument_group("inpainting (with --mask; A1111's options)")
+    i.add_argument("--mask-blur", type=int, default=0, metavar="PX", help="Gaussian blur of the mask (default 0)")
+    i.add_argument("--inpainting-fill", default="original",
+                   choices=["fill", "original", "latent noise", "latent nothing"],
+                   help="what the masked area starts from (default original)")
+    i.add_argument("--invert-mask", action="store_true", help="repaint where the mask is black")
+    i.add_argument("--only-masked", action="store_true",
+                   help="inpaint only the region around the mask at --width/--height, then paste it back")
+    i.add_argument("--only-masked-padding", type=int, default=32, metavar="PX",
+                   help="pixels around the mask that --only-masked includes (default 32)")
     g.add_argument("--latents", type=Path, help=".npy initial noise of shape (B, 4, H/8, W/8)")
     c = g.add_argument_group("ControlNet (repeat the group for several units; a single value applies to all)")
     c.add_argument("--control-image", type=Path, action="append", default=[], metavar="PNG",
@@ -250,12 +263,16 @@ def _generate(args) -> int:
         raise InvalidRequest("--outpaint needs --init-image and makes its own mask (no --mask)")
     if args.init_image:
         image = open_image(args.init_image)
+        mode = int(args.resize_mode) if args.resize_mode.isdigit() else args.resize_mode
         if args.outpaint:
             result = pipe.outpaint(image, args.prompt, *args.outpaint, strength=_or(args.strength, 1.0), **kw)
         elif args.mask:
-            result = pipe.inpaint(image, open_image(args.mask), args.prompt, strength=_or(args.strength, 1.0), **kw)
+            result = pipe.inpaint(image, open_image(args.mask), args.prompt, strength=_or(args.strength, 1.0),
+                                  resize_mode=mode, mask_blur=args.mask_blur, fill=args.inpainting_fill,
+                                  invert_mask=args.invert_mask, only_masked=args.only_masked,
+                                  padding=args.only_masked_padding, **kw)
         else:
-            result = pipe.img2img(image, args.prompt, strength=_or(args.strength, 0.75), **kw)
+            result = pipe.img2img(image, args.prompt, strength=_or(args.strength, 0.75), resize_mode=mode, **kw)
     else:
         hires = None if args.hires_scale is None else Hires(
             scale=args.hires_scale, upscaler=args.hires_upscaler, steps=args.hires_steps,

@@ -108,6 +108,34 @@ def test_cli_img2img_and_inpaint(tiny_export, tmp_path):
             assert im.size == (64, 64) and "Denoising strength" in im.text["parameters"]
 
 
+def test_cli_inpainting_options(tiny_export, tmp_path):
+    """--only-masked, --mask-blur, --inpainting-fill, --invert-mask, --resize-mode reach the Python API."""
+    import sdrt
+    import numpy as np
+    x = np.linspace(0, 255, 96, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(x, (80, 1)), np.tile(x[:80, None], (1, 96)),
+                                      np.full((80, 96), 60, np.uint8)], axis=-1))
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (50, 30, 70, 50))
+    image.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    common = ["generate", str(tiny_export), "--prompt", "x", "--steps", "2", "--seed", "3", "--width", "64",
+              "--height", "64", "--strength", "0.7", "--init-image", str(tmp_path / "init.png")]
+    assert main([*common, "--mask", str(tmp_path / "mask.png"), "--only-masked", "--only-masked-padding", "4",
+                 "--mask-blur", "2", "--inpainting-fill", "latent noise", "--invert-mask", "--resize-mode", "1",
+                 "--output", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--resize-mode", "3", "--output", str(tmp_path / "b.png")]) == 0
+    pipe = sdrt.load(tiny_export, progress=False)
+    kw = dict(steps=2, seed=3, width=64, height=64, strength=0.7)
+    a = pipe.inpaint(image, mask, "x", only_masked=True, padding=4, mask_blur=2, fill="latent noise",
+                     invert_mask=True, resize_mode=1, **kw)
+    b = pipe.img2img(image, "x", resize_mode=3, **kw)
+    for name, ref in (("a.png", a), ("b.png", b)):
+        with Image.open(tmp_path / name) as im:
+            assert np.array_equal(np.asarray(im), np.asarray(ref[0]))
+            assert im.text["parameters"] == ref.infotexts[0]
+
+
 def test_run_path_is_torch_free(tiny_export, tmp_path):
     """Block torch/diffusers/transformers imports in a fresh interpreter; load and generate must still work."""
     script = textwrap.dedent(f"""

@@ -37,6 +37,45 @@ def mask_array(mask: Image.Image, width: int, height: int) -> np.ndarray:
     return (m >= 0.5).astype(np.float32)[None, None]
 
 
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+
+
+def resize_mode(value: int | str) -> int:
+    """A1111's img2img ``resize_mode`` as its number: 0..3 or one of ``RESIZE_MODES`` (any case)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(RESIZE_MODES):
+        return value
+    names = [m.lower() for m in RESIZE_MODES]
+    if isinstance(value, str) and value.lower() in names:
+        return names.index(value.lower())
+    raise InvalidRequest(f"resize_mode {value!r} is not one of 0..3 or {', '.join(map(repr, RESIZE_MODES))}")
+
+
+def resize_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
+    """A1111's ``images.resize_image`` (Lanczos): 0 stretch to ``width`` x ``height``; 1 cover it, keeping the
+    aspect ratio, and crop the centre; 2 (and 3) fit inside it and stretch the edge rows/columns into the bands."""
+    if mode == 0:
+        return image.resize((width, height), Image.LANCZOS)
+    ratio, src_ratio = width / height, image.width / image.height
+    if mode == 1:
+        w = width if ratio > src_ratio else image.width * height // image.height
+        h = height if ratio <= src_ratio else image.height * width // image.width
+    else:
+        w = width if ratio < src_ratio else image.width * height // image.height
+        h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((w, h), Image.LANCZOS)
+    out = Image.new("RGB" if image.mode != "L" else "L", (width, height))
+    out.paste(resized, (width // 2 - w // 2, height // 2 - h // 2))
+    if mode != 1 and ratio < src_ratio and height // 2 - h // 2 > 0:
+        band = height // 2 - h // 2
+        out.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+        out.paste(resized.resize((width, band), box=(0, h, width, h)), (0, band + h))
+    elif mode != 1 and ratio > src_ratio and width // 2 - w // 2 > 0:
+        band = width // 2 - w // 2
+        out.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+        out.paste(resized.resize((band, height), box=(w, 0, w, height)), (band + w, 0))
+    return out
+
+
 def extend(image: Image.Image, left: int, right: int, top: int, bottom: int,
            overlap: int) -> tuple[Image.Image, Image.Image]:
     """``image`` on a larger canvas, the new pixels repeating the nearest edge, and the outpainting mask:

@@ -18,7 +18,7 @@ from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
 from ..specs import VAE_FACTOR, ComponentSpec
 from ..weights.overrides import WeightOverrides
-from . import images, prompts, resize, samplers, schedules
+from . import images, masking, prompts, resize, samplers, schedules
 from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
@@ -286,13 +286,26 @@ class StableDiffusion:
         canvas, mask = images.extend(image, left, right, top, bottom, overlap)
         return self.inpaint(canvas, mask, prompt, **kwargs)
 
-    def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, **kwargs) -> Result:
-        """Image to image: ``strength`` of the schedule is run from the noised image latents."""
+    def img2img(self, image: Image.Image, prompt: str, strength: float = 0.75, resize_mode: int | str = 0,
+                **kwargs) -> Result:
+        """Image to image: ``strength`` of the schedule is run from the noised image latents.
+
+        ``resize_mode`` fits the image to ``width`` x ``height`` as A1111 does (``images.RESIZE_MODES``): 0 just
+        resize, 1 crop and resize, 2 resize and fill, 3 encode at the image's own size and resize the latents
+        (bilinear, "Just resize (latent upscale)").
+        """
+        mode = images.resize_mode(resize_mode)
         req = self._request(prompt, {"width": image.width, "height": image.height, **kwargs, "strength": strength})
-        pixels = images.to_array(image, req.width, req.height)
+        if mode == 3 and (image.width % self.factor or image.height % self.factor):
+            raise InvalidRequest(f"resize_mode 3 (latent upscale) encodes the image at its own size, which must be "
+                                 f"a multiple of {self.factor}, not {image.width}x{image.height}")
+        size = image.size if mode == 3 else (req.width, req.height)
+        pixels = images.to_array(image if mode == 3 else images.resize_image(image.convert("RGB"), mode, *size), *size)
 
         def start(gens, plan):
             x0 = self._encode(pixels, gens, req)
+            if mode == 3 and x0.shape[2:] != (req.height // self.factor, req.width // self.factor):
+                x0 = resize.latents(x0, req.height // self.factor, req.width // self.factor)
             x = x0 + plan.sigmas[0] * self._noise(req, gens)
             return Start(x, concat=self._unmasked(req, gens))
         return self._generate(req, "img2img", start)
@@ -308,25 +321,69 @@ class StableDiffusion:
         return np.concatenate([np.ones(shape, np.float32), empty], axis=1)
 
     def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, strength: float = 1.0,
-                **kwargs) -> Result:
-        """Repaint where ``mask`` is white: a 9-channel inpainting UNet, or mask blending on a 4-channel one."""
+                mask_blur: int | tuple[int, int] = 0, fill: int | str = "original", invert_mask: bool = False,
+                only_masked: bool = False, padding: int = 32, resize_mode: int | str = 0, **kwargs) -> Result:
+        """Repaint where ``mask`` is white: a 9-channel inpainting UNet, or mask blending on a 4-channel one.
+
+        Args (A1111's inpainting options):
+            mask_blur: Gaussian blur of the mask in pixels (one value, or x and y).
+            fill: what the masked area starts from (``masking.INPAINTING_FILL``, or 0..3): "original" the image,
+                "fill" the image with the masked area painted by blurs of its surroundings, "latent noise" random
+                latents, "latent nothing" zero latents. The last two change the start latents, so they act
+                when ``strength`` < 1 (at 1 the start is pure noise, as in diffusers).
+            invert_mask: repaint where the mask is black ("Inpaint not masked").
+            only_masked: A1111's "Only masked": inpaint the box around the mask (plus ``padding`` pixels, grown
+                to the aspect ratio of ``width`` x ``height``) at ``width`` x ``height``, then paste the result
+                back into the full image through the blurred mask. An empty mask falls back to img2img.
+            resize_mode: how the image is fitted to ``width`` x ``height`` (see :meth:`img2img`; not 3 here).
+        """
         if image.size != mask.size:
             raise InvalidRequest(f"mask is {mask.width}x{mask.height} but the image is "
                                  f"{image.width}x{image.height}; they must be the same size")
+        fill, mode = masking.fill_mode(fill), images.resize_mode(resize_mode)
+        if mode == 3:
+            raise InvalidRequest("resize_mode 3 (latent upscale) is for img2img; inpaint with 0, 1 or 2")
+        image, mask = image.convert("RGB"), masking.prepare(mask, mask_blur, invert_mask)
         req = self._request(prompt, {"width": image.width, "height": image.height, **kwargs, "strength": strength})
-        pixels = images.to_array(image, req.width, req.height)
-        mask = images.mask_array(mask, req.width, req.height)
-        return self._generate(req, "inpaint", lambda gens, plan: self._inpaint_start(req, pixels, mask, gens, plan))
+        box = masking.crop_region(mask, padding) if only_masked else None
+        if only_masked and box is None:
+            return self.img2img(image, prompt, strength, resize_mode=mode, **kwargs)
+        if box is not None:
+            box = masking.expand_crop_region(box, req.width, req.height, image.width, image.height)
+            work, work_mask = (images.resize_image(im.crop(box), 2, req.width, req.height) for im in (image, mask))
+            req = replace(req, control=[_cropped(unit, box, image.size) for unit in req.control])
+        else:
+            work, work_mask = (images.resize_image(im, mode, req.width, req.height) for im in (image, mask))
+        if fill == "fill":
+            work = masking.fill(work, work_mask)
+        pixels = images.to_array(work, req.width, req.height)
+        m = images.mask_array(work_mask, req.width, req.height)
+        extra = {"Mask blur": mask_blur if np.isscalar(mask_blur) and mask_blur else None,
+                 "Mask mode": "Inpaint not masked" if invert_mask else None,
+                 "Masked content": fill if fill != "original" else None,
+                 "Inpaint area": "Only masked" if box else None, "Masked area padding": padding if box else None}
 
-    def _inpaint_start(self, req, pixels, mask, gens, plan) -> Start:
-        """diffusers' order of draws: image latents (4-ch or strength < 1), noise, masked-image latents."""
+        def start(gens, plan):
+            return self._inpaint_start(req, pixels, m, gens, plan, fill)
+        result = self._generate(req, "inpaint", start, extra)
+        if box is not None:
+            result.images = [masking.paste(pic, image, mask, box) for pic in result.images]
+        return result
+
+    def _inpaint_start(self, req, pixels, mask, gens, plan, fill: str = "original") -> Start:
+        """diffusers' order of draws: image latents (4-ch or strength < 1), noise, masked-image latents.
+        "latent noise" / "latent nothing" replace the masked image latents (A1111), the noise being the first
+        draw of each image's seed, as A1111's ``create_random_tensors`` makes it."""
         nine = self.models.arch.get("unet_in_channels", 4) == 9
         full = req.strength == 1.0
         x0 = self._encode(pixels, gens, req) if (not nine or not full) else None
         noise = self._noise(req, gens)
+        m = mask[:, :, ::self.factor, ::self.factor]   # nearest-neighbour downscale, as torch's interpolate
+        if x0 is not None and fill in ("latent noise", "latent nothing"):
+            fresh = [make_generator(req.rng, req.seed + i) for i in range(req.batch_size)]
+            x0 = x0 * (1.0 - m) + (m * _draw(fresh, x0.shape) if fill == "latent noise" else 0.0)
         x = noise * plan.init_sigma if full else x0 + plan.sigmas[0] * noise
         masked_latents = self._encode(pixels * (mask < 0.5), gens, req)
-        m = mask[:, :, ::self.factor, ::self.factor]   # nearest-neighbour downscale, as torch's interpolate
         if nine:
             return Start(x, concat=np.concatenate([np.repeat(m, len(x), 0), masked_latents], axis=1))
         return Start(x, wrap=lambda d: masked(d, m, x0, noise, float(plan.sigmas[0])),
@@ -385,12 +442,12 @@ class StableDiffusion:
             req = replace(req, seed=random.randrange(MAX_SEED))
         return req
 
-    def _generate(self, req: Request, task: str, prepare: Callable) -> Result:
-        """Sample, decode, and describe the result."""
+    def _generate(self, req: Request, task: str, prepare: Callable, extra: dict | None = None) -> Result:
+        """Sample, decode, and describe the result (``extra``: more infotext parameters)."""
         began, spent = time.perf_counter(), _spent(self.models)
         latents, plan = self._sample(req, prepare)
         pics = self._decode(latents, req)
-        return self._result(req, task, plan, pics, self._timings(spent, began))
+        return self._result(req, task, plan, pics, self._timings(spent, began), extra)
 
     def _timings(self, spent: weakref.WeakKeyDictionary, began: float) -> dict[str, float]:
         """Seconds per component since ``spent`` was taken, counting runtimes loaded or replaced meanwhile
@@ -534,6 +591,15 @@ def _lora_tag(tag: prompts.ExtraNetwork) -> tuple[str, float]:
         return name, float(weights[0]) if weights else 1.0
     except ValueError:
         raise InvalidRequest(f"<lora:{':'.join(tag.args)}>: the weight must be a number") from None
+
+
+def _cropped(unit: Control, box: tuple[int, int, int, int], size: tuple[int, int]) -> Control:
+    """A ControlNet unit for the "Only masked" region: a control image the size of the inpainted picture is
+    cropped to the region (as sd-webui-controlnet does), others are kept."""
+    x1, y1, x2, y2 = box
+    if unit.image.shape[1::-1] != size:
+        return unit
+    return replace(unit, image=unit.image[y1:y2, x1:x2])
 
 
 def _draw(gens, shape) -> np.ndarray:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
 from .. import __version__
 from ..errors import InvalidRequest
-from ..pipelines import samplers
+from ..pipelines import images, masking, samplers
 from ..pipelines.pipeline import MAX_SEED, Hires
 from . import controlnet
 from . import options as opts
@@ -36,8 +36,6 @@ SUPPORTED_SCHEDULES = ("automatic", "uniform", "karras")
 # A1111 >= 1.9: a sampler's own schedule when the request says "Automatic" (exponential is not in sdrt:
 # DPM++ 2M SDE then runs its uniform schedule, and says so in the infotext)
 DEFAULT_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras", "DPM2 a": "karras"}
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")      # img2img resize_mode 0, 1, 2
-INPAINTING_FILL = ("fill", "original")                                     # inpainting_fill 0, 1
 MAX_MASK_BLUR = 64                                                         # px, A1111's slider maximum
 
 
@@ -125,43 +123,6 @@ def _schedule(scheduler: str | None) -> str:
     return by_label.get(text, text)
 
 
-def resize_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    """A1111's img2img ``resize_mode``: 0 stretch, 1 cover and crop the centre, 2 fit and extend the edges."""
-    if image.size == (width, height):
-        return image
-    if mode == 0:
-        return image.resize((width, height), Image.LANCZOS)
-    ratio, src_ratio = width / height, image.width / image.height
-    wide = ratio < src_ratio                              # the source is wider than the target
-    if mode == 1:
-        w, h = (image.width * height // image.height, height) if wide else (width, image.height * width // image.width)
-    else:
-        w, h = (width, image.height * width // image.width) if wide else (image.width * height // image.height, height)
-    resized = image.resize((w, h), Image.LANCZOS)
-    canvas = Image.new(image.mode, (width, height))
-    left, top = width // 2 - w // 2, height // 2 - h // 2
-    canvas.paste(resized, (left, top))
-    if mode == 2 and wide and top > 0:                    # stretch the first and last rows into the bands
-        canvas.paste(resized.resize((width, top), box=(0, 0, width, 0)), (0, 0))
-        canvas.paste(resized.resize((width, height - top - h), box=(0, h, width, h)), (0, top + h))
-    elif mode == 2 and not wide and left > 0:
-        canvas.paste(resized.resize((left, height), box=(0, 0, 0, height)), (0, 0))
-        canvas.paste(resized.resize((width - left - w, height), box=(w, 0, w, height)), (left + w, 0))
-    return canvas
-
-
-def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's inpainting_fill 0: the masked area painted with ever finer blurs of the colours around it."""
-    keep = Image.new("RGBa", image.size)
-    keep.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
-    out = Image.new("RGBA", image.size)
-    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
-        blurred = keep.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
-        for _ in range(repeats):
-            out.alpha_composite(blurred)
-    return out.convert("RGB")
-
-
 def check_limits(req: Processing, limits: Limits) -> None:
     checks = [("width*height", req.width * req.height, limits.max_pixels), ("steps", req.steps, limits.max_steps),
               ("batch_size*n_iter", req.batch_size * req.n_iter, limits.max_images)]
@@ -238,9 +199,7 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
         raise NotFound("Init image not found", "init_images: give one base64 image")
     if len(req.init_images) > 1:
         raise InvalidRequest("init_images: sdrt takes one init image per request")
-    if req.resize_mode not in range(len(RESIZE_MODES)):
-        raise InvalidRequest(f"resize_mode {req.resize_mode} is not supported; use 0 (Just resize), "
-                             "1 (Crop and resize) or 2 (Resize and fill)")
+    mode = images.resize_mode(req.resize_mode)
     kwargs, seed, subseed = _common(req, settings)
     image = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
     strength = 0.75 if req.denoising_strength is None else req.denoising_strength
@@ -250,14 +209,14 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
     parameters = req.model_dump()
     if not req.include_init_images:
         parameters |= {"init_images": None, "mask": None}
+    kwargs |= dict(width=req.width, height=req.height, resize_mode=mode)
     if req.mask is None:
-        image = resize_image(image, req.resize_mode, req.width, req.height)
-
         def call(pipe, seed, callback, preview):
             return pipe.img2img(image, req.prompt, strength=strength, seed=seed, callback=callback, preview=preview,
                                 **kwargs)
         return _generation("img2img", req, checkpoint, call, seed, subseed, parameters, extra_images=maps)
-    image, mask, overlay = _inpaint_inputs(req, image)
+    mask, options, overlay = _inpaint_inputs(req, image, mode)
+    kwargs |= options
 
     def call(pipe, seed, callback, preview):
         return pipe.inpaint(image, mask, req.prompt, strength=strength, seed=seed, callback=callback, preview=preview,
@@ -265,33 +224,32 @@ def img2img(req: Img2Img, settings: dict, checkpoint: Checkpoint) -> Generation:
     return _generation("inpaint", req, checkpoint, call, seed, subseed, parameters, overlay, maps)
 
 
-def _inpaint_inputs(req: Img2Img, image: Image.Image):
-    """Image and mask at the target size (inverted, blurred, filled as asked), and the overlay that pastes
-    the result back over the original through the blurred mask, as A1111 does ("Whole picture")."""
-    if req.inpaint_full_res:
-        raise InvalidRequest("inpaint_full_res (\"Only masked\") is not supported by sdrt yet; "
-                             "send inpaint_full_res false (\"Whole picture\")")
-    if req.inpainting_fill not in range(len(INPAINTING_FILL)):
-        raise InvalidRequest(f"inpainting_fill {req.inpainting_fill} (latent noise/nothing) is not supported "
-                             "yet; use 0 (fill) or 1 (original)")
-    mask = decode_image(req.mask, "mask").convert("L")
+def _inpaint_inputs(req: Img2Img, image: Image.Image, mode: int):
+    """The mask, the pipeline's inpainting options, and for "Whole picture" the overlay that pastes the result
+    over the resized original through the doubled blurred mask, as A1111 does ("Only masked" results come back
+    pasted by the pipeline)."""
+    mask = decode_image(req.mask, "mask")
     if mask.size != image.size:
         raise InvalidRequest(f"mask is {mask.width}x{mask.height} but init_images[0] is "
                              f"{image.width}x{image.height}; they must be the same size")
-    if req.inpainting_mask_invert:
-        mask = ImageOps.invert(mask)
-    image = resize_image(image, req.resize_mode, req.width, req.height)
-    mask = resize_image(mask, req.resize_mode, req.width, req.height)
+    if mode == 3:
+        raise InvalidRequest("resize_mode 3 (Just resize (latent upscale)) is not supported for inpainting; "
+                             "use 0, 1 or 2")
     blur = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
     if not all(0 <= b <= MAX_MASK_BLUR for b in blur):
         raise InvalidRequest(f"mask_blur (x, y) is {blur}; give values from 0 to {MAX_MASK_BLUR} pixels")
-    if max(blur) > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    start = fill(image, mask) if req.inpainting_fill == 0 else image
+    options = dict(mask_blur=blur[0] if blur[0] == blur[1] else blur, fill=masking.fill_mode(req.inpainting_fill),
+                   invert_mask=bool(req.inpainting_mask_invert), only_masked=bool(req.inpaint_full_res),
+                   padding=req.inpaint_full_res_padding)
+    if req.inpaint_full_res:
+        return mask, options, None
+    prepared = masking.prepare(mask, blur, bool(req.inpainting_mask_invert))
+    cover = masking.overlay_mask(images.resize_image(prepared, mode, req.width, req.height))
+    base = images.resize_image(image, mode, req.width, req.height)
 
     def overlay(generated: Image.Image) -> Image.Image:
-        return Image.composite(generated.convert("RGB"), image, mask)
-    return start, mask, overlay
+        return masking.paste(generated, base, cover)
+    return mask, options, overlay
 
 
 def _generation(task, req: Processing, checkpoint, call, seed, subseed, parameters, finish=None,

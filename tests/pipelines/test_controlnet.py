@@ -451,3 +451,18 @@ def test_cli_export_passes_controlnets(monkeypatch, tmp_path, capsys):
     assert main(["export", "m", str(tmp_path / "o"), "--controlnet", "canny=a/b", "--controlnet", "./c"]) == 0
     assert seen["options"].controlnets == ("canny=a/b", "./c")
     assert "ControlNets: canny" in capsys.readouterr().out
+
+
+def test_only_masked_crops_the_control_image(pipe, control_images, init_image, mask_image):
+    """"Only masked": a control image the size of the picture is cropped to the inpainted region, so the
+    result is the inpaint of the region with the cropped map, pasted back."""
+    from sdrt.pipelines import images, masking
+    edges = np.asarray(control_images["canny"])
+    kw = dict(steps=2, seed=4, strength=0.7, width=32, height=32)
+    ours = pipe.inpaint(init_image, mask_image, PROMPT, only_masked=True, padding=2,
+                        control=[Control(image=edges, model="canny")], **kw)
+    box = masking.expand_crop_region(masking.crop_region(mask_image, 2), 32, 32, SIZE, SIZE)
+    x1, y1, x2, y2 = box
+    region = pipe.inpaint(*(images.resize_image(im.crop(box), 2, 32, 32) for im in (init_image, mask_image)),
+                          PROMPT, control=[Control(image=edges[y1:y2, x1:x2], model="canny")], **kw)
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(masking.paste(region[0], init_image, mask_image, box)))

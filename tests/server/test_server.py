@@ -163,6 +163,49 @@ def test_inpaint_on_another_checkpoint(api, pipes, tiny_inpaint_export, init_ima
     assert api.get_options()["sd_model_checkpoint"] != title     # restored afterwards (the default)
 
 
+def test_only_masked_inpainting_fields_reach_the_pipeline(api, pipes, tiny_export, init_image):
+    # "Only masked" with padding, blur and latent noise on a larger picture than the processing size
+    big = init_image.resize((96, 80))
+    m = Image.new("L", big.size, 0)
+    ImageDraw.Draw(m).rectangle((50, 30, 69, 49), fill=255)
+    r = api.img2img(images=[big], mask_image=m, prompt=PROMPT, seed=4, width=SIZE, height=SIZE, steps=3,
+                    denoising_strength=0.7, mask_blur=3, inpainting_fill=2, inpaint_full_res=True,
+                    inpaint_full_res_padding=5, sampler_name="Euler", cfg_scale=7.5)
+    ref = pipes[tiny_export].inpaint(big, m, PROMPT, strength=0.7, seed=4, steps=3, sampler="Euler", width=SIZE,
+                                     height=SIZE, mask_blur=3, fill="latent noise", only_masked=True, padding=5)
+    assert r.images[0].size == (96, 80)
+    assert np.array_equal(pixels(r.images), pixels(ref.images))
+    assert r.info["infotexts"] == ref.infotexts and "Masked content: latent noise" in ref.infotexts[0]
+
+
+def test_whole_picture_inpainting_fields_reach_the_pipeline(api, pipes, tiny_export, init_image, mask):
+    # "Whole picture", crop and resize, inverted mask, latent nothing: the pipeline's image shown through the
+    # doubled blurred mask over the resized original (A1111's overlay)
+    big = init_image.resize((96, 80))
+    m = mask.resize((96, 80))
+    r = api.img2img(images=[big], mask_image=m, prompt=PROMPT, seed=6, width=SIZE, height=SIZE, steps=3,
+                    denoising_strength=0.6, mask_blur=2, inpainting_fill=3, inpaint_full_res=False,
+                    inpainting_mask_invert=1, resize_mode=1, sampler_name="Euler", cfg_scale=7.5)
+    ref = pipes[tiny_export].inpaint(big, m, PROMPT, strength=0.6, seed=6, steps=3, sampler="Euler", width=SIZE,
+                                     height=SIZE, mask_blur=2, fill=3, invert_mask=True, resize_mode=1)
+    cover = sdrt.pipelines.masking.prepare(m, 2, invert=True)
+    cover = sdrt.pipelines.images.resize_image(cover, 1, SIZE, SIZE)
+    doubled = np.clip(np.asarray(cover, np.float32) * 2, 0, 255).astype(np.uint8)
+    base = sdrt.pipelines.images.resize_image(big, 1, SIZE, SIZE)
+    expected = sdrt.pipelines.masking.paste(ref.images[0], base, Image.fromarray(doubled))
+    assert np.array_equal(pixels(r.images), pixels([expected]))
+    assert "Mask mode: Inpaint not masked" in r.info["infotexts"][0]
+
+
+def test_img2img_latent_upscale(api, pipes, tiny_export, init_image):
+    big = init_image.resize((96, 80))
+    r = api.img2img(images=[big], prompt=PROMPT, seed=7, width=SIZE, height=SIZE, steps=3, resize_mode=3,
+                    denoising_strength=0.6, sampler_name="Euler", cfg_scale=7.5)
+    ref = pipes[tiny_export].img2img(big, PROMPT, strength=0.6, seed=7, steps=3, sampler="Euler", width=SIZE,
+                                     height=SIZE, resize_mode=3)
+    assert np.array_equal(pixels(r.images), pixels(ref.images))
+
+
 def test_options_switch_the_checkpoint(api, port, init_image, mask):
     models = api.get_sd_models()
     first, second = models[0]["title"], models[1]["title"]
