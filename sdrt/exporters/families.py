@@ -89,7 +89,8 @@ def from_configs(model_index: Mapping | None, unet: Mapping | None, text_encoder
         return Detected(TRANSFORMERS.get(cls, cls), detail=f"{pipeline} with {cls}")
     inpaint, extra = unet.get("in_channels") == 9, unet.get("addition_embed_type")
     guidance = unet.get("time_cond_proj_dim") is not None
-    text_cls = _class(model_index, "text_encoder") or ((text_encoder or {}).get("architectures") or ["CLIPTextModel"])[0]
+    declared = (text_encoder or {}).get("architectures") or ["CLIPTextModel"]
+    text_cls = _class(model_index, "text_encoder") or declared[0]
     if extra == "text_time":
         refiner = _class(model_index, "text_encoder") is None and _class(model_index, "text_encoder_2") is not None
         return Detected("sdxl-refiner" if refiner else "sdxl", inpaint, prediction, guidance,
