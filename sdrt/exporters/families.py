@@ -9,8 +9,9 @@ the scheduler's ``prediction_type``); a single-file checkpoint from the names an
     sd2   model.diffusion_model.* + cond_stage_model.model.*        (OpenCLIP ViT-H, 1024-wide attention)
     sdxl  conditioner.embedders.*                                   (two text encoders)
 
-A 9-channel ``input_blocks.0.0.weight`` is an inpainting model. Families sdrt cannot export yet get an
-``ExportError`` naming the family.
+A 9-channel ``input_blocks.0.0.weight`` is an inpainting model. An SD 2 file rarely states whether it
+predicts v or epsilon; the loaded UNet then answers A1111's probe (:func:`predicts_v`). Families sdrt cannot
+export yet get an ``ExportError`` naming the family.
 """
 from __future__ import annotations
 
@@ -144,10 +145,22 @@ def from_checkpoint(shapes: Mapping[str, tuple[int, ...]], global_step: int | No
     if not sd2:
         return Detected("sd1", inpaint, "v_prediction" if vpred else "epsilon",
                         detail="cond_stage_model.transformer.* (CLIP)")
-    # SD 2 files do not say their prediction type: 768-v unless marked otherwise (as diffusers decides);
-    # the inpainting model is epsilon
-    eps = inpaint or (global_step == SD2_BASE_STEP and not vpred)
-    return Detected("sd2", inpaint, "epsilon" if eps else "v_prediction", detail="cond_stage_model.model.* (OpenCLIP)")
+    # SD 2 files seldom say their prediction type: a v_pred key, SD 2.0-base's global_step, or inpainting
+    # (epsilon) do; otherwise None, and the loaded UNet is probed (predicts_v), as A1111 does
+    prediction = ("v_prediction" if vpred else "epsilon" if inpaint or global_step == SD2_BASE_STEP else None)
+    return Detected("sd2", inpaint, prediction, detail="cond_stage_model.model.* (OpenCLIP)")
+
+
+def predicts_v(unet) -> bool:
+    """Whether a trained SD 2 UNet predicts v rather than epsilon: A1111's test
+    (``is_using_v_parameterization_for_sd2``). At t=999 on a constant 0.5 input, an epsilon model returns
+    about the input; a v model returns about -x0, far below it. Meaningful for trained weights only."""
+    import torch
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), context, return_dict=False)[0]
+    return (out - x[:, :out.shape[1]]).mean().item() < -1
 
 
 def signature(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, int | None, int | None]:

@@ -145,13 +145,33 @@ def _from_single_file(path: Path, config: str | None) -> Source:
             raise ExportError(f"{path}: could not load the single-file checkpoint ({_first_line(e)}); "
                               + hint) from None
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+    if config is None and detected.prediction_type is None:
+        scheduler_config["prediction_type"] = _probe_prediction(path, detected, shapes, pipe.unet)
     return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                   tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
 
 
+def _probe_prediction(path: Path, detected: families.Detected, shapes: dict, unet) -> str:
+    """The prediction type of a file that does not state it, from A1111's probe of the loaded UNet; the
+    UNet's sample size follows (SD 2.1: 768 for v, 512 for epsilon)."""
+    prediction = "v_prediction" if families.predicts_v(unet) else "epsilon"
+    arch = _architecture(path, families.Detected(detected.family, detected.inpaint, prediction), shapes)
+    unet.register_to_config(sample_size=ARCHITECTURES[arch]["unet"]["sample_size"])
+    log.info("%s: the UNet predicts %s (A1111's v-parameterization test)", path.name, prediction)
+    return prediction
+
+
 def _write_config(path: Path, detected: families.Detected, shapes: dict, folder: Path) -> Path:
     """The diffusers configs of the registered architecture whose shapes the checkpoint has, with the
-    detected inpainting and prediction type (the architecture whose own prediction type agrees first)."""
+    detected inpainting and prediction type."""
+    arch = _architecture(path, detected, shapes)
+    log.info("%s: %s (%s), %s; configs of architecture %r", path.name, families.NAMES[detected.family],
+             detected.detail, detected.prediction_type or "prediction type to probe", arch)
+    return write_configs(folder, arch, inpaint=detected.inpaint, prediction_type=detected.prediction_type)
+
+
+def _architecture(path: Path, detected: families.Detected, shapes: dict) -> str:
+    """The registered architecture of the checkpoint's shapes (the one whose own prediction type agrees first)."""
     found = families.signature(shapes)
     matches = [a for a in CONFIG_ARCHITECTURES[detected.family] if _signature(ARCHITECTURES[a]) == found]
     if not matches:
@@ -159,11 +179,8 @@ def _write_config(path: Path, detected: families.Detected, shapes: dict, folder:
         raise ExportError(f"{path}: a {families.NAMES[detected.family]} checkpoint of shapes sdrt has no config "
                           f"for (UNet width {unet}, cross-attention {context}, text encoder {text}); pass a "
                           "diffusers folder of the same architecture as the export config (--config DIR)")
-    arch = next((a for a in matches if ARCHITECTURES[a].get("prediction_type", "epsilon")
+    return next((a for a in matches if ARCHITECTURES[a].get("prediction_type", "epsilon")
                  == detected.prediction_type), matches[0])
-    log.info("%s: %s (%s), %s; configs of architecture %r", path.name, families.NAMES[detected.family],
-             detected.detail, detected.prediction_type, arch)
-    return write_configs(folder, arch, inpaint=detected.inpaint, prediction_type=detected.prediction_type)
 
 
 def _signature(arch: dict) -> tuple[int, int, int]:

@@ -83,8 +83,8 @@ def test_unsupported_folders_name_their_family(tmp_path):
 
 
 def test_single_files_detected_offline(tiny_model_dir, tiny_sd2_model_dir, tiny_sd2_inpaint_model_dir, tmp_path):
-    expected = {tiny_model_dir: ("sd1", False, "epsilon"), tiny_sd2_model_dir: ("sd2", False, "v_prediction"),
-                tiny_sd2_inpaint_model_dir: ("sd2", True, "epsilon")}
+    expected = {tiny_model_dir: ("sd1", False, "epsilon"), tiny_sd2_model_dir: ("sd2", False, None),
+                tiny_sd2_inpaint_model_dir: ("sd2", True, "epsilon")}        # None: not stated, to probe
     for i, (folder, (family, inpaint, prediction)) in enumerate(expected.items()):
         checkpoint = to_single_file(folder, tmp_path / f"{i}.safetensors")
         d = families.from_checkpoint(*families.read_checkpoint(checkpoint))
@@ -95,9 +95,16 @@ def test_single_files_detected_offline(tiny_model_dir, tiny_sd2_model_dir, tiny_
     assert families.from_checkpoint({**shapes, "v_pred": ()}, families.SD2_BASE_STEP).prediction_type == "v_prediction"
 
 
-def test_sd2_single_file_loads_the_same_weights_offline(tiny_sd2_model_dir, tmp_path):
+def with_v_pred_key(checkpoint):
+    from safetensors.torch import load_file, save_file
+    save_file({**load_file(checkpoint), "v_pred": torch.zeros(0)}, checkpoint)
+    return checkpoint
+
+
+def test_sd2_single_file_loads_the_same_weights_offline(tiny_sd2_model_dir, tmp_path, monkeypatch):
     """No --config: sdrt writes the tiny-sd2 configs itself (the same path as a real SD 2.1 file)."""
-    checkpoint = to_single_file(tiny_sd2_model_dir, tmp_path / "sd2.safetensors")
+    checkpoint = with_v_pred_key(to_single_file(tiny_sd2_model_dir, tmp_path / "sd2.safetensors"))
+    monkeypatch.setattr(families, "predicts_v", None)             # the file says it: no probe
     loaded = load_source(str(checkpoint), progress=False)
     folder = load_source(str(tiny_sd2_model_dir), progress=False)
     for part in ("text_encoder", "unet", "vae"):
@@ -106,6 +113,24 @@ def test_sd2_single_file_loads_the_same_weights_offline(tiny_sd2_model_dir, tmp_
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert loaded.tokenizer.pad_token_id == 0 and loaded.prediction_type == "v_prediction"
     assert loaded.detected.family == "sd2" and loaded.text_encoder.config.hidden_act == "gelu"
+
+
+def test_unstated_prediction_type_is_probed(tiny_sd2_model_dir, tmp_path, monkeypatch):
+    checkpoint = to_single_file(tiny_sd2_model_dir, tmp_path / "sd2.safetensors")
+    probed = []
+    monkeypatch.setattr(families, "predicts_v", lambda unet: probed.append(unet) or False)
+    loaded = load_source(str(checkpoint), progress=False)
+    assert probed == [loaded.unet] and loaded.prediction_type == "epsilon"
+
+
+def test_predicts_v_is_a1111s_test(tiny_sd2_model_dir):
+    """An output far below the input at t=999 is v (about -x0); about the input is epsilon (about the noise)."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sd2_model_dir, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        for bias, v in ((0.5, False), (-0.4, False), (-0.6, True), (-3.0, True)):   # threshold: mean < 0.5 - 1
+            unet.conv_out.bias.fill_(bias)
+            assert families.predicts_v(unet) is v, bias
 
 
 def real_shapes(arch: str) -> dict[str, tuple[int, ...]]:
@@ -129,7 +154,7 @@ def test_released_architectures():
     assert sd21["cond_stage_model.model.token_embedding.weight"] == (49408, 1024)
     assert sd21["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] == (3072, 1024)
     assert families.from_checkpoint(sd15).family == "sd1"
-    assert families.from_checkpoint(sd21) == families.Detected("sd2", False, "v_prediction",
+    assert families.from_checkpoint(sd21) == families.Detected("sd2", False, None,
                                                               detail="cond_stage_model.model.* (OpenCLIP)")
     assert families.signature(sd21) == (320, 1024, 1024) and families.signature(sd15) == (320, 768, 768)
     assert ARCHITECTURES["sd21"]["unet"]["attention_head_dim"] == (5, 10, 20, 20)    # 64-wide heads
