@@ -71,9 +71,9 @@ def require_supported(detected: Detected, name: str) -> None:
 def from_folder(folder: Path) -> Detected:
     """Detect the family of a diffusers folder from its JSON configs alone (no weights are read)."""
     folder = Path(folder)
-    model_index = _json(folder / "model_index.json") or {}
+    model_index = read_json(folder / "model_index.json") or {}
     def component(name, file):
-        return _json(folder / name / file) if model_index.get(name, [None])[0] is not None else None
+        return read_json(folder / name / file) if model_index.get(name, [None])[0] is not None else None
     return from_configs(model_index, component("unet", "config.json"), component("text_encoder", "config.json"),
                         component("scheduler", "scheduler_config.json"),
                         component("transformer", "config.json"))
@@ -112,7 +112,7 @@ def _class(model_index: Mapping, name: str) -> str | None:
     return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None else None
 
 
-def _json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -80,7 +80,10 @@ def _load(source: str, config: str | None) -> Source:
         raise ExportError(f"{path}: not a model; pass a diffusers folder (with model_index.json), "
                           f"a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint or a hub id")
     if HUB_ID.match(source):
-        _fetch_model_index(source)
+        index = _fetch_model_index(source)
+        detected = _hub_family(source, index)
+        if detected is not None:                          # before any weight is downloaded
+            families.require_supported(detected, source)
         return _from_pretrained(source, source)
     raise ExportError(f"{source}: no such file or folder, and not a hub id (owner/name)")
 
@@ -101,14 +104,31 @@ def _library_progress(enabled: bool):
             m.enable_progress_bar()
 
 
-def _fetch_model_index(repo_id: str) -> None:
+def _fetch_model_index(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
     try:
-        hf_hub_download(repo_id, "model_index.json")
+        return Path(hf_hub_download(repo_id, "model_index.json"))
     except Exception as e:  # huggingface_hub raises many unrelated types (network, auth, not found)
         raise ExportError(f"{repo_id}: could not fetch model_index.json from the Hugging Face Hub "
                           f"({_first_line(e)}); check the id "
                           "and the network, or download the model and pass its folder") from None
+
+
+def _hub_family(repo_id: str, index: Path) -> families.Detected | None:
+    """Detect a hub model's family from its small config files, fetched into the snapshot of ``index``
+    (None when the denoiser's config could not be fetched: the loaded model is checked instead)."""
+    from huggingface_hub import hf_hub_download
+    model_index = families.read_json(index) or {}
+    for name, file in (("unet", "config.json"), ("transformer", "config.json"), ("text_encoder", "config.json"),
+                       ("scheduler", "scheduler_config.json")):
+        if model_index.get(name, [None])[0] is not None:
+            try:
+                hf_hub_download(repo_id, f"{name}/{file}", revision=index.parent.name)
+            except Exception:  # noqa: BLE001 (a missing config only leaves that fact unknown)
+                log.debug("%s: no %s/%s", repo_id, name, file)
+    if not any((index.parent / name / "config.json").is_file() for name in ("unet", "transformer")):
+        return None
+    return families.from_folder(index.parent)
 
 
 def _from_pretrained(where: str, name: str, **kwargs) -> Source:

@@ -82,6 +82,31 @@ def test_unsupported_folders_name_their_family(tmp_path):
         assert not (tmp_path / f"out-{name}").exists()
 
 
+def test_hub_ids_are_detected_from_their_configs_first(tmp_path, monkeypatch):
+    """A hub SDXL is refused after fetching only its small JSON files, before any weight."""
+    import shutil
+
+    import huggingface_hub
+    repo = write_folder(tmp_path / "repo", {"_class_name": "StableDiffusionXLPipeline",
+                                            "unet": ["diffusers", "UNet2DConditionModel"],
+                                            "text_encoder": ["transformers", "CLIPTextModel"],
+                                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
+                        unet=("config.json", unet_config(addition_embed_type="text_time", addition_time_embed_dim=8,
+                                                         projection_class_embeddings_input_dim=80)))
+    snapshot, fetched = tmp_path / "snapshots" / "0123abcd", []
+
+    def download(repo_id, filename, revision=None, **kwargs):
+        fetched.append(filename)
+        if not (repo / filename).is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(repo / filename, snapshot / filename))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(ExportError, match="someone/sdxl-model: Stable Diffusion XL .* not supported yet"):
+        load_source("someone/sdxl-model", progress=False)
+    assert fetched == ["model_index.json", "unet/config.json", "text_encoder/config.json"]   # the last absent
+
+
 def test_single_files_detected_offline(tiny_model_dir, tiny_sd2_model_dir, tiny_sd2_inpaint_model_dir, tmp_path):
     expected = {tiny_model_dir: ("sd1", False, "epsilon"), tiny_sd2_model_dir: ("sd2", False, None),
                 tiny_sd2_inpaint_model_dir: ("sd2", True, "epsilon")}        # None: not stated, to probe
