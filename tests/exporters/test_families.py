@@ -8,9 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from sdrt import manifest as mf                                   # noqa: E402
 from sdrt.errors import ExportError                               # noqa: E402
-from sdrt.exporters import export, families                       # noqa: E402
+from sdrt.exporters import architecture_facts, export, families   # noqa: E402
 from sdrt.exporters.random_model import ARCHITECTURES, _pipeline  # noqa: E402
 from sdrt.exporters.sources import load_source                    # noqa: E402
 
@@ -208,10 +207,10 @@ def test_unsupported_single_files(tmp_path):
         assert str(path) in str(e.value)
 
 
-def test_manifest_family_of_a_single_file_export(tiny_sd2_inpaint_model_dir, tmp_path):
+def test_architecture_facts_of_a_single_file(tiny_sd2_inpaint_model_dir, tmp_path):
+    """The manifest's architecture facts of an SD 2 inpainting file (the export itself is tested on folders)."""
     checkpoint = to_single_file(tiny_sd2_inpaint_model_dir, tmp_path / "inpaint.safetensors")
-    manifest = export(str(checkpoint), tmp_path / "out", progress=False)
-    facts = mf.read(tmp_path / "out").architecture
-    assert manifest.architecture == facts
+    facts = architecture_facts(load_source(str(checkpoint), progress=False))
     assert (facts["family"], facts["inpaint"], facts["prediction_type"], facts["pad_token_id"]) == \
         ("sd2", True, "epsilon", 0)
+    assert facts == architecture_facts(load_source(str(tiny_sd2_inpaint_model_dir), progress=False))
