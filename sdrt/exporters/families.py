@@ -197,10 +197,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, tuple[int, ...]], int | None]
             with safe_open(str(path), framework="np") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, None
         import torch
-        top = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        try:
+            top = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:     # torch < 1.6's legacy format cannot be memory-mapped
+            top = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:   # safetensors and torch.load raise many types for a corrupt or foreign file
-        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                          "check the file is complete") from None
+        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).strip()[:200]}); "
+                          "check the file is complete, or save it as .safetensors") from None
     state = top
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

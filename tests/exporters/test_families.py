@@ -205,6 +205,9 @@ def test_unsupported_single_files(tmp_path):
         with pytest.raises(ExportError, match=message) as e:
             load_source(str(path), progress=False)
         assert str(path) in str(e.value)
+    (tmp_path / "torn.ckpt").write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(ExportError, match="torn.ckpt: not a readable checkpoint"):
+        load_source(str(tmp_path / "torn.ckpt"), progress=False)
 
 
 def test_architecture_facts_of_a_single_file(tiny_sd2_inpaint_model_dir, tmp_path):
