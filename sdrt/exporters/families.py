@@ -98,10 +98,12 @@ def from_configs(model_index: Mapping | None, unet: Mapping | None, text_encoder
                         f"{pipeline}: UNet addition_embed_type 'text_time'")
     if extra is not None or "movq" in model_index:
         return Detected("kandinsky", detail=f"{pipeline}: UNet addition_embed_type {extra!r}")
-    if text_cls.startswith("T5"):
-        return Detected("deepfloyd-if", detail=f"{pipeline}: {text_cls} text encoder")
-    if unet.get("in_channels") in OTHER_INPUTS:
-        return Detected(OTHER_INPUTS[unet["in_channels"]], detail=f"{pipeline}: UNet in_channels {unet['in_channels']}")
+    if not text_cls.startswith("CLIPTextModel"):          # DeepFloyd IF's T5, AltDiffusion's XLM-R, ...
+        family = "deepfloyd-if" if text_cls.startswith("T5") else f"a model with a {text_cls} text encoder"
+        return Detected(family, detail=f"{pipeline}: {text_cls} text encoder")
+    channels = unet.get("in_channels")
+    if channels in OTHER_INPUTS:
+        return Detected(OTHER_INPUTS[channels], detail=f"{pipeline}: UNet in_channels {channels}")
     sd2 = (text_encoder or {}).get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024
     return Detected("sd2" if sd2 else "sd1", inpaint, prediction, guidance,
                     "OpenCLIP text encoder" if sd2 else "CLIP text encoder")
