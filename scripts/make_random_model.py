@@ -1,6 +1,8 @@
 """Write a random-weight Stable Diffusion model (diffusers format) of a named architecture.
 
     python scripts/make_random_model.py /tmp/sd15-random --arch sd15
+    python scripts/make_random_model.py /tmp/sd21-random --arch sd21        # SD 2.1, 768x768 v-prediction
+    python scripts/make_random_model.py /tmp/sd21-base --arch sd21-base     # SD 2.1 base, 512x512 epsilon
     sdrt export /tmp/sd15-random /tmp/sd15-export
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder to write")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
     parser.add_argument("--inpaint", action="store_true", help="9-channel inpainting UNet")
-    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                        help="default: the architecture's (v_prediction for sd21, else epsilon)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

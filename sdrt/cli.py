@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out", type=Path, help="folder to write (must not exist or be empty, unless --overwrite)")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--fp16", action="store_true", help="export float16 graphs")
-    e.add_argument("--config", help="local diffusers folder giving the configs of a single-file checkpoint")
+    e.add_argument("--config", help="single-file checkpoints: a local diffusers folder of the same architecture "
+                                    "whose configs are used (default: those of the detected family, offline)")
     e.add_argument("--no-parity", action="store_true", help="skip the ONNX-vs-torch check after export")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
     e.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]MODEL",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 
-def _build(tmp_path_factory, name: str, **kwargs) -> Path:
+def _build(tmp_path_factory, name: str, arch: str = "tiny", **kwargs) -> Path:
     pytest.importorskip("diffusers")
     from sdrt.exporters.random_model import build_random_model
-    return build_random_model(tmp_path_factory.mktemp(name) / "model", "tiny", **kwargs)
+    return build_random_model(tmp_path_factory.mktemp(name) / "model", arch, **kwargs)
 
 
 def _export(tmp_path_factory, model_dir: Path, name: str, **options) -> Path:
@@ -63,6 +63,27 @@ def tiny_inpaint_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vpred_model_dir(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "tiny_vpred", prediction_type="v_prediction", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_model_dir(tmp_path_factory) -> Path:
+    """SD 2.x's architecture in small (OpenCLIP-style GELU text encoder, "!" padding), 768-v style."""
+    return _build(tmp_path_factory, "tiny_sd2", "tiny-sd2", prediction_type="v_prediction", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_inpaint_model_dir(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "tiny_sd2_inpaint", "tiny-sd2", inpaint=True, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_export(tmp_path_factory, tiny_sd2_model_dir) -> Path:
+    return _export(tmp_path_factory, tiny_sd2_model_dir, "tiny_sd2_export")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_inpaint_export(tmp_path_factory, tiny_sd2_inpaint_model_dir) -> Path:
+    return _export(tmp_path_factory, tiny_sd2_inpaint_model_dir, "tiny_sd2_inpaint_export")
 
 
 @pytest.fixture(scope="session")

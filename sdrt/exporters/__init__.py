@@ -121,7 +121,7 @@ def architecture_facts(model: Source) -> dict:
     if vae_factor != VAE_FACTOR:
         raise ExportError(f"{model.name}: the VAE downsamples by {vae_factor}, sdrt supports {VAE_FACTOR}")
     return dict(
-        family="sd2" if unet.cross_attention_dim == 1024 else "sd1",
+        family=model.detected.family,
         latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
         vae_scaling_factor=vae.scaling_factor, vae_factor=vae_factor,
         unet_downsample=2 ** (len(unet.block_out_channels) - 1),

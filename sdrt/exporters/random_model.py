@@ -1,7 +1,9 @@
 """Random-weight Stable Diffusion pipelines of a named architecture, saved in diffusers format.
 
-Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build); benchmarks use ``sd15``
-(the real SD 1.5 shapes; latency does not depend on weight values). Nothing is downloaded.
+Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build) and ``tiny-sd2`` (SD 2.x's
+structure: OpenCLIP-style text encoder with GELU, linear attention projections, head width per block, the
+tokenizer padding with "!"); benchmarks use ``sd15`` or ``sd21`` (the real shapes; latency does not depend
+on weight values). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -46,39 +48,103 @@ ARCHITECTURES = {
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   projection_dim=768, hidden_act="quick_gelu"),
     ),
+    # SD 2.x in small: OpenCLIP's GELU text encoder, whose pad token is "!" (id 0), linear projections in
+    # the transformer blocks and a head count per block (as SD 2's 64-wide heads)
+    "tiny-sd2": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True,
+                  norm_num_groups=32),
+        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1,
+                 latent_channels=4, sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=48, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                  projection_dim=48, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        pad_token="!",
+    ),
+    # stabilityai/stable-diffusion-2-1 (768x768, v-prediction); the 512 "base" differs only in sample sizes
+    # and prediction type, the 512 inpainting model in its 9 input channels
+    "sd21": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=96,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                  upcast_attention=True, norm_num_groups=32),
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2,
+                 latent_channels=4, sample_size=768,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  projection_dim=512, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        pad_token="!", prediction_type="v_prediction",
+    ),
 }
+_sd21 = ARCHITECTURES["sd21"]
+ARCHITECTURES["sd21-base"] = dict(_sd21, unet=dict(_sd21["unet"], sample_size=64, upcast_attention=False),
+                                  vae=dict(_sd21["vae"], sample_size=512), prediction_type="epsilon")
 
 
 def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
-                       prediction_type: str = "epsilon", seed: int = 0) -> Path:
+                       prediction_type: str | None = None, seed: int = 0) -> Path:
     """Write a random-weight StableDiffusionPipeline of architecture ``arch`` to ``out`` (diffusers format).
 
     Args:
         out: folder to write (created; existing files are overwritten).
-        arch: a key of ``ARCHITECTURES`` ("tiny" for tests, "sd15" for benchmarks).
+        arch: a key of ``ARCHITECTURES`` ("tiny", "tiny-sd2" for tests, "sd15", "sd21", "sd21-base" for benchmarks).
         inpaint: 9-channel UNet input (latents ⊕ mask ⊕ masked-image latents).
-        prediction_type: "epsilon" or "v_prediction", stored in the scheduler config.
+        prediction_type: "epsilon" or "v_prediction", stored in the scheduler config (default: the
+            architecture's own, v-prediction for "sd21", else epsilon).
         seed: torch seed of the random initialisation.
     """
+    torch.manual_seed(seed)
+    pipe = _pipeline(arch, inpaint, prediction_type)
+    _trained_like_final_norm(pipe.text_encoder)
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log.info("wrote a random %s model (inpaint=%s, %s) to %s", arch, inpaint,
+             pipe.scheduler.config.prediction_type, out)
+    return out
+
+
+def write_configs(out: Path, arch: str, *, inpaint: bool = False, prediction_type: str | None = None) -> Path:
+    """Write only the configs and tokenizer of ``arch`` as a diffusers folder (no weights, nothing allocated):
+    what ``from_single_file`` needs to load a checkpoint of that architecture offline."""
+    with torch.device("meta"):
+        pipe = _pipeline(arch, inpaint, prediction_type)
+    out = Path(out)
+    pipe.save_config(out)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(out / name)
+    pipe.text_encoder.config.save_pretrained(out / "text_encoder")
+    pipe.tokenizer.save_pretrained(out / "tokenizer")
+    return out
+
+
+def _pipeline(arch: str, inpaint: bool, prediction_type: str | None) -> StableDiffusionPipeline:
     if arch not in ARCHITECTURES:
         raise ExportError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     cfg = ARCHITECTURES[arch]
-    torch.manual_seed(seed)
+    prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
     unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.18215, **cfg["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
-                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                                                **cfg["text"]))
-    _trained_like_final_norm(text_encoder)
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=CLIPTextModel(text_config(arch)).eval(), unet=unet.eval(),
+        tokenizer=tokenizer(arch),
         scheduler=PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    out = Path(out)
-    pipe.save_pretrained(out, safe_serialization=True)
-    log.info("wrote a random %s model (inpaint=%s, %s) to %s", arch, inpaint, prediction_type, out)
-    return out
+
+
+def text_config(arch: str) -> CLIPTextConfig:
+    """The CLIPTextConfig of ``arch`` (SD 1's OpenAI CLIP token ids unless the architecture sets its own, as
+    SD 2's OpenCLIP config does: 0/2/1, which CLIPTextModel only reads for the pooled output)."""
+    ids = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **{**ids, **ARCHITECTURES[arch]["text"]})
+
+
+def tokenizer(arch: str) -> CLIPTokenizer:
+    """The shipped CLIP BPE; SD 2's tokenizer pads with "!" (id 0) instead of the end token."""
+    pad = ARCHITECTURES[arch].get("pad_token")
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **({"pad_token": pad} if pad else {}))
 
 
 def _trained_like_final_norm(text_encoder: CLIPTextModel) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,15 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import ExportError
+from . import families
+from .random_model import ARCHITECTURES, write_configs
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# the architectures whose configs sdrt writes itself for a single file of that family (released shapes first)
+CONFIG_ARCHITECTURES = {"sd1": ("sd15", "tiny"), "sd2": ("sd21", "sd21-base", "tiny-sd2")}
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
 
 
@@ -38,6 +43,12 @@ class Source:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def detected(self) -> families.Detected:
+        """The model family, read from the loaded components' configs."""
+        return families.from_configs(None, self.unet.config, self.text_encoder.config.to_dict(),
+                                     self.scheduler_config)
+
 
 def load_source(source: str, config: str | None = None, progress: bool = True) -> Source:
     """Load a diffusers folder, a hub id, or a single ``.safetensors``/``.ckpt`` checkpoint.
@@ -45,7 +56,8 @@ def load_source(source: str, config: str | None = None, progress: bool = True) -
     Args:
         source: a folder with ``model_index.json``, a checkpoint file, or a Hugging Face Hub id.
         config: for single files only: a diffusers folder (or hub id) of the same architecture whose
-            component configs are used, so that loading works offline.
+            component configs are used. Without it, sdrt detects the family and writes the configs of
+            the released architecture itself (``CONFIG_ARCHITECTURES``), so loading works offline.
         progress: let transformers/diffusers show their loading bars.
     """
     with _library_progress(progress):
@@ -58,6 +70,7 @@ def _load(source: str, config: str | None) -> Source:
         if not (path / "model_index.json").is_file():
             raise ExportError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                               "pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
+        families.require_supported(families.from_folder(path), str(path))
         return _from_pretrained(str(path), str(path.absolute()), local_files_only=True)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
@@ -67,7 +80,10 @@ def _load(source: str, config: str | None) -> Source:
         raise ExportError(f"{path}: not a model; pass a diffusers folder (with model_index.json), "
                           f"a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint or a hub id")
     if HUB_ID.match(source):
-        _fetch_model_index(source)
+        index = _fetch_model_index(source)
+        detected = _hub_family(source, index)
+        if detected is not None:                          # before any weight is downloaded
+            families.require_supported(detected, source)
         return _from_pretrained(source, source)
     raise ExportError(f"{source}: no such file or folder, and not a hub id (owner/name)")
 
@@ -88,14 +104,31 @@ def _library_progress(enabled: bool):
             m.enable_progress_bar()
 
 
-def _fetch_model_index(repo_id: str) -> None:
+def _fetch_model_index(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
     try:
-        hf_hub_download(repo_id, "model_index.json")
+        return Path(hf_hub_download(repo_id, "model_index.json"))
     except Exception as e:  # huggingface_hub raises many unrelated types (network, auth, not found)
         raise ExportError(f"{repo_id}: could not fetch model_index.json from the Hugging Face Hub "
                           f"({_first_line(e)}); check the id "
                           "and the network, or download the model and pass its folder") from None
+
+
+def _hub_family(repo_id: str, index: Path) -> families.Detected | None:
+    """Detect a hub model's family from its small config files, fetched into the snapshot of ``index``
+    (None when the denoiser's config could not be fetched: the loaded model is checked instead)."""
+    from huggingface_hub import hf_hub_download
+    model_index = families.read_json(index) or {}
+    for name, file in (("unet", "config.json"), ("transformer", "config.json"), ("text_encoder", "config.json"),
+                       ("scheduler", "scheduler_config.json")):
+        if model_index.get(name, [None])[0] is not None:
+            try:
+                hf_hub_download(repo_id, f"{name}/{file}", revision=index.parent.name)
+            except Exception:  # noqa: BLE001 (a missing config only leaves that fact unknown)
+                log.debug("%s: no %s/%s", repo_id, name, file)
+    if not any((index.parent / name / "config.json").is_file() for name in ("unet", "transformer")):
+        return None
+    return families.from_folder(index.parent)
 
 
 def _from_pretrained(where: str, name: str, **kwargs) -> Source:
@@ -115,21 +148,63 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
 
 
 def _from_single_file(path: Path, config: str | None) -> Source:
-    kwargs = {"config": config} if config else {}
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=config is not None and Path(config).is_dir(), **kwargs)
-    except LOAD_ERRORS as e:
-        hint = (f"check that {config} is a diffusers folder of the same architecture" if config else
-                "give a local diffusers folder of the same architecture (e.g. a downloaded "
-                "stable-diffusion-v1-5) as the export config (--config DIR, ExportOptions.config) "
-                "so no config has to be fetched from the hub")
-        raise ExportError(f"{path}: could not load the single-file checkpoint ({_first_line(e)}); "
-                          + hint) from None
+    shapes, global_step = families.read_checkpoint(path)
+    detected = families.from_checkpoint(shapes, global_step)
+    families.require_supported(detected, str(path))
+    with tempfile.TemporaryDirectory(prefix="sdrt-config-") as tmp:
+        local = config is None or Path(config).is_dir()
+        where = config or str(_write_config(path, detected, shapes, Path(tmp)))
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=where, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, local_files_only=local)
+        except LOAD_ERRORS as e:
+            hint = (f"check that {config} is a diffusers folder of the same architecture" if config else
+                    "give a local diffusers folder of the same architecture as the export config "
+                    "(--config DIR, ExportOptions.config)")
+            raise ExportError(f"{path}: could not load the single-file checkpoint ({_first_line(e)}); "
+                              + hint) from None
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+    if config is None and detected.prediction_type is None:
+        scheduler_config["prediction_type"] = _probe_prediction(path, detected, shapes, pipe.unet)
     return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                   tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
+
+
+def _probe_prediction(path: Path, detected: families.Detected, shapes: dict, unet) -> str:
+    """The prediction type of a file that does not state it, from A1111's probe of the loaded UNet; the
+    UNet's sample size follows (SD 2.1: 768 for v, 512 for epsilon)."""
+    prediction = "v_prediction" if families.predicts_v(unet) else "epsilon"
+    arch = _architecture(path, families.Detected(detected.family, detected.inpaint, prediction), shapes)
+    unet.register_to_config(sample_size=ARCHITECTURES[arch]["unet"]["sample_size"])
+    log.info("%s: the UNet predicts %s (A1111's v-parameterization test)", path.name, prediction)
+    return prediction
+
+
+def _write_config(path: Path, detected: families.Detected, shapes: dict, folder: Path) -> Path:
+    """The diffusers configs of the registered architecture whose shapes the checkpoint has, with the
+    detected inpainting and prediction type."""
+    arch = _architecture(path, detected, shapes)
+    log.info("%s: %s (%s), %s; configs of architecture %r", path.name, families.NAMES[detected.family],
+             detected.detail, detected.prediction_type or "prediction type to probe", arch)
+    return write_configs(folder, arch, inpaint=detected.inpaint, prediction_type=detected.prediction_type)
+
+
+def _architecture(path: Path, detected: families.Detected, shapes: dict) -> str:
+    """The registered architecture of the checkpoint's shapes (the one whose own prediction type agrees first)."""
+    found = families.signature(shapes)
+    matches = [a for a in CONFIG_ARCHITECTURES[detected.family] if _signature(ARCHITECTURES[a]) == found]
+    if not matches:
+        unet, context, text = found
+        raise ExportError(f"{path}: a {families.NAMES[detected.family]} checkpoint of shapes sdrt has no config "
+                          f"for (UNet width {unet}, cross-attention {context}, text encoder {text}); pass a "
+                          "diffusers folder of the same architecture as the export config (--config DIR)")
+    return next((a for a in matches if ARCHITECTURES[a].get("prediction_type", "epsilon")
+                 == detected.prediction_type), matches[0])
+
+
+def _signature(arch: dict) -> tuple[int, int, int]:
+    return arch["unet"]["block_out_channels"][0], arch["unet"]["cross_attention_dim"], arch["text"]["hidden_size"]
 
 
 def _first_line(e: Exception) -> str:
@@ -145,6 +220,7 @@ def _clean(config: dict) -> dict:
 
 def _checked(source: Source) -> Source:
     """Put the models in eval/fp32 and reject architectures that are not SD 1.x/2.x."""
+    families.require_supported(source.detected, source.name)
     unet = source.unet.config
     if unet.get("addition_embed_type") is not None or unet.in_channels not in (4, 9):
         raise ExportError(f"{source.name}: unsupported UNet (in_channels={unet.in_channels}, "

@@ -95,6 +95,35 @@ def text_to_ldm(state: dict) -> dict:
             for k, v in state.items()}
 
 
+OPENCLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+            ("embeddings.position_embedding.weight", "positional_embedding"),
+            ("final_layer_norm.", "ln_final."), ("encoder.layers.", "transformer.resblocks."),
+            ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+            ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
+
+
+def text_to_open_clip(state: dict, config: dict) -> dict:
+    """A CLIPTextModel in SD 2's OpenCLIP layout (``cond_stage_model.model.*``): fused q/k/v ``in_proj``,
+    plus the ``text_projection`` and ``logit_scale`` an SD 2 checkpoint carries (unused by SD)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        if ".self_attn.q_proj." in key:
+            kind = key.rsplit(".", 1)[1]
+            fused = torch.cat([state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+            key, value = key.replace(f"self_attn.q_proj.{kind}", f"attn.in_proj_{kind}"), fused
+        elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        for new, old in OPENCLIP:
+            key = key.replace(new, old)
+        out["cond_stage_model.model." + key] = value
+    generator = torch.Generator().manual_seed(0)
+    out["cond_stage_model.model.text_projection"] = torch.randn(config["hidden_size"], config["projection_dim"],
+                                                                generator=generator)
+    out["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
 def to_single_file(model_dir: Path, out: Path) -> Path:
     """Write ``model_dir`` (diffusers format) as one LDM-keyed ``.safetensors`` (or ``.ckpt``) file."""
     def part(name, file):
@@ -102,8 +131,10 @@ def to_single_file(model_dir: Path, out: Path) -> Path:
                 json.loads((model_dir / name / "config.json").read_text()))
     unet, unet_cfg = part("unet", "diffusion_pytorch_model.safetensors")
     vae, vae_cfg = part("vae", "diffusion_pytorch_model.safetensors")
-    text, _ = part("text_encoder", "model.safetensors")
-    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **text_to_ldm(text)}
+    text, text_cfg = part("text_encoder", "model.safetensors")
+    open_clip = text_cfg["hidden_act"] == "gelu"                  # SD 2's text encoder
+    text = text_to_open_clip(text, text_cfg) if open_clip else text_to_ldm(text)
+    state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **text}
     state = {k: v.contiguous() for k, v in state.items()}
     if out.suffix == ".ckpt":
         torch.save({"state_dict": state}, out)

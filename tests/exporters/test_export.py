@@ -14,6 +14,7 @@ from sdrt import manifest as mf                                        # noqa: E
 from sdrt.errors import ExportError, ModelFolderError, ParityError     # noqa: E402
 from sdrt.exporters import ExportOptions, export                       # noqa: E402
 from sdrt.exporters import onnx as ox                                  # noqa: E402
+from sdrt.exporters import sources                                      # noqa: E402
 from sdrt.exporters.sources import load_source                         # noqa: E402
 from sdrt.specs import SPECS, VAE_DECODER, half                        # noqa: E402
 
@@ -198,7 +199,7 @@ def test_single_file_checkpoint(tiny_model_dir, tiny_export, tmp_path):
 
 def test_ckpt_checkpoint_loads_the_same_weights(tiny_model_dir, source, tmp_path):
     checkpoint = to_single_file(tiny_model_dir, tmp_path / "model.ckpt")
-    loaded = load_source(str(checkpoint), config=str(tiny_model_dir), progress=False)
+    loaded = load_source(str(checkpoint), progress=False)         # offline, with the configs sdrt writes
     for part in ("text_encoder", "unet", "vae"):
         ours, theirs = getattr(loaded, part).state_dict(), getattr(source, part).state_dict()
         assert ours.keys() == theirs.keys()
@@ -220,7 +221,9 @@ def test_source_errors(tiny_model_dir, tmp_path, monkeypatch):
             load_source(src)
         assert src in str(e.value)
     checkpoint = to_single_file(tiny_model_dir, tmp_path / "model.safetensors")
-    with pytest.raises(ExportError, match="config"):
+    monkeypatch.setitem(sources.CONFIG_ARCHITECTURES, "sd1", ("sd15",))   # no config of the tiny shapes
+    with pytest.raises(ExportError, match=r"UNet width 32, cross-attention 32, text encoder 32\); pass a "
+                                          r"diffusers folder .* \(--config DIR\)"):
         load_source(str(checkpoint))
 
 
