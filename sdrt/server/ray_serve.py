@@ -111,11 +111,11 @@ class Replica:
     """The deployment class. Its app (``self.app``) is built when the replica starts; these methods answer the
     broadcasts of the other replicas, which ask every replica about its jobs."""
 
-    def replica_progress(self) -> dict:
-        return Service.progress(self.app.state.service)
+    def replica_progress(self, skip_current_image: bool = False) -> dict:
+        return Service.progress(self.app.state.service, skip_current_image)
 
-    def replica_task_progress(self, task_id: str | None) -> dict:
-        return Service.task_progress(self.app.state.service, task_id)
+    def replica_task_progress(self, req) -> dict:
+        return Service.task_progress(self.app.state.service, req)
 
     def replica_interrupt(self) -> None:
         Service.interrupt(self.app.state.service)
@@ -151,8 +151,8 @@ def _every_replica(service: Service, handle) -> None:
         if not answers:
             raise BackendUnavailable(f"no replica answered {method} within {BROADCAST_TIMEOUT} s")
         return answers
-    service.progress = lambda: merged_progress(ask("replica_progress"))
-    service.task_progress = lambda task_id: known_task(ask("replica_task_progress", task_id))
+    service.progress = lambda skip_current_image=False: merged_progress(ask("replica_progress", skip_current_image))
+    service.task_progress = lambda req: known_task(ask("replica_task_progress", req))
     service.interrupt = lambda: ask("replica_interrupt") and None
     service.skip = lambda: ask("replica_skip") and None
 
