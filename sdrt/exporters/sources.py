@@ -4,18 +4,21 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# model_index.json flags of the SDXL pipelines, with StableDiffusionXLPipeline's defaults
+SDXL_FLAGS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
 
@@ -24,11 +27,19 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportErr
 class Source:
     """The torch components of a Stable Diffusion model, ready for export."""
     name: str                     # the path or hub id it was loaded from
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None      # None: the SDXL refiner, which has only text_encoder_2
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizer | None
     scheduler_config: dict        # the scheduler's config, with its ``_class_name``
+    text_encoder_2: CLIPTextModelWithProjection | None = None    # SDXL: OpenCLIP ViT-bigG with projection
+    tokenizer_2: CLIPTokenizer | None = None
+    pipeline_config: dict = field(default_factory=dict)           # SDXL: ``SDXL_FLAGS`` of model_index.json
+
+    @property
+    def sdxl(self) -> bool:
+        """An SDXL UNet: pooled text embeddings and size/crop time ids added to its timestep embedding."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     @property
     def inpaint(self) -> bool:
@@ -102,13 +113,22 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
     try:
         # load_config returns the raw scheduler_config.json (with _class_name), whatever the class
         scheduler_config = dict(PNDMScheduler.load_config(where, subfolder="scheduler", **kwargs))
+        index = dict(DiffusionPipeline.load_config(where, **kwargs))
+
+        def part(cls, subfolder):           # None when model_index.json names no such component
+            named = (index.get(subfolder) or [None])[0] is not None
+            return cls.from_pretrained(where, subfolder=subfolder, **kwargs) if named else None
+        xl = "text_encoder_2" in index
         return Source(
             name=name,
-            text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kwargs),
+            text_encoder=part(CLIPTextModel, "text_encoder"),
             unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kwargs),
             vae=AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs),
-            scheduler_config=_clean(scheduler_config))
+            tokenizer=part(CLIPTokenizer, "tokenizer"),
+            scheduler_config=_clean(scheduler_config),
+            text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2") if xl else None,
+            tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
+            pipeline_config={k: index.get(k, v) for k, v in SDXL_FLAGS.items()} if xl else {})
     except LOAD_ERRORS as e:
         raise ExportError(f"{name}: could not load a Stable Diffusion component ({_first_line(e)}); "
                           "check that it is a complete diffusers model") from None
@@ -144,13 +164,20 @@ def _clean(config: dict) -> dict:
 
 
 def _checked(source: Source) -> Source:
-    """Put the models in eval/fp32 and reject architectures that are not SD 1.x/2.x."""
+    """Put the models in eval/fp32 and reject architectures that are not SD 1.x/2.x or SDXL."""
     unet = source.unet.config
-    if unet.get("addition_embed_type") is not None or unet.in_channels not in (4, 9):
+    xl = source.sdxl and source.text_encoder_2 is not None and source.tokenizer_2 is not None
+    if (unet.get("addition_embed_type") is not None and not xl) or unet.in_channels not in (4, 9):
         raise ExportError(f"{source.name}: unsupported UNet (in_channels={unet.in_channels}, "
                           f"addition_embed_type={unet.get('addition_embed_type')}); sdrt exports "
-                          "Stable Diffusion 1.x/2.x models (4-channel or 9-channel inpainting)")
-    for model in (source.text_encoder, source.unet, source.vae):
+                          "Stable Diffusion 1.x/2.x models (4-channel or 9-channel inpainting) and SDXL "
+                          "diffusers folders (with text_encoder_2 and tokenizer_2)")
+    if not xl and (source.text_encoder is None or source.tokenizer is None):
+        raise ExportError(f"{source.name}: the model has no text_encoder or tokenizer; "
+                          "check that it is a complete diffusers model")
+    for model in (source.text_encoder, source.text_encoder_2, source.unet, source.vae):
+        if model is None:
+            continue
         if model.dtype != torch.float32:
             model.to(torch.float32)
         model.eval().requires_grad_(False)
