@@ -18,7 +18,7 @@ from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
 from ..specs import VAE_FACTOR, ComponentSpec
 from ..weights.overrides import WeightOverrides
-from . import images, prompts, resize, samplers, schedules
+from . import images, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
@@ -45,6 +45,8 @@ class Models:
     vae_encoder: Runtime | None = None
     control: ControlModels | None = None      # the export's ControlNets, loaded on first use
     variants: Variants | None = None          # the ControlNet UNet and the seamless-tiling graphs
+    text_encoder_2: Runtime | None = None     # SDXL's OpenCLIP ViT-bigG (``text_encoder`` is its CLIP ViT-L)
+    tokenizer_2: ClipTokenizer | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,13 @@ class Request:
     tiled_vae: bool = False               # VAE in overlapping tiles: bounded memory for large images
     tiling: bool = False                  # seamless tiling: an image whose opposite edges join (A1111's Tiling)
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
+    # SDXL's size conditioning (diffusers' arguments, (height, width) pairs; None: the image's size) and the
+    # refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def text_options(self) -> TextOptions:
@@ -328,6 +337,8 @@ class StableDiffusion:
         """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
         word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
         is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
+        if self.models.arch.get("family") == "sdxl":
+            raise InvalidRequest("textual-inversion embeddings for SDXL are not supported yet")
         weights = self._weights()
         table = weights.original("text_encoder", TOKEN_EMBEDDING)
         loaded, skipped = read_folder(Path(folder), table.shape[1])
@@ -387,7 +398,7 @@ class StableDiffusion:
         unet = controlled_unet(m, req, plan, lambda: model.step - 1) if req.control else m.unet
         start = prepare(gens, plan)
         model = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
-                              start.concat)
+                              start.concat, cond.added if cond.pooled is not None else None)
         d = model if cond.plain else guided(model, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
         total = len(plan.sigmas) - 1
@@ -406,9 +417,21 @@ class StableDiffusion:
         prompt editing, AND, CLIP skip); ``<lora:...>`` tags are removed here (see ``_extra_networks``)."""
         prompt, networks = prompts.extra_networks(req.prompt)
         self._extra_networks(networks)
+        if self.models.arch.get("family") == "sdxl":
+            return Conditioning.build(self._sdxl_encoder(req), prompt, req.negative_prompt, req.steps,
+                                      req.guidance_scale > 1.0, req.batch_size, first_pass_steps,
+                                      sdxl.time_ids(self.models.arch, req.height, req.width, req.original_size,
+                                                    req.crops_coords_top_left, req.target_size,
+                                                    req.aesthetic_score, req.negative_aesthetic_score))
         encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
         return Conditioning.build(encode, prompt, req.negative_prompt, req.steps, req.guidance_scale > 1.0,
                                   req.batch_size, first_pass_steps)
+
+    def _sdxl_encoder(self, req: Request) -> sdxl.SDXLTextEncoder:
+        m = self.models
+        pairs = [(m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)]
+        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs if runtime is not None]
+        return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
         unknown = sorted({n.kind for n in networks} - {"lora"})
@@ -507,7 +530,7 @@ def _draw(gens, shape) -> np.ndarray:
 def _runtimes(models: Models) -> list[tuple[str, Timed]]:
     """Every timed runtime of ``models`` with the component it counts for: the ControlNets as "controlnet",
     a variant graph as the component it stands for."""
-    found = [(k, getattr(models, k)) for k in ("text_encoder", "unet", "vae_encoder", "vae_decoder")]
+    found = [(k, getattr(models, k)) for k in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")]
     if models.control is not None:
         found += [("controlnet", r) for r in models.control.loaded.values()]
     if models.variants is not None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
-from ..specs import SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import ALL_SPECS, VAE_FACTOR, ComponentSpec, half
 from . import builds
 from .base import check_feeds
 
@@ -239,7 +239,7 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         with builds.staging(entry.parent, entry.name) as tmp:
             components = {}
             for name, comp in _bar(manifest.components.items(), "openvino: converting", progress):
-                _convert(ov, folder / comp.file, tmp / f"{name}.xml", SPECS[comp.spec], manifest.architecture,
+                _convert(ov, folder / comp.file, tmp / f"{name}.xml", ALL_SPECS[comp.spec], manifest.architecture,
                          options)
                 components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": settings["precision"]}
             record = {"backend": "openvino", "version": ov.__version__, "options": settings, "sources": sources,
@@ -254,7 +254,7 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         judge("openvino", record["quality"], options.min_cosine, options.min_psnr)
     computes = {}
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
-        spec = half(SPECS[comp.spec]) if comp.precision == "fp16" else SPECS[comp.spec]
+        spec = half(ALL_SPECS[comp.spec]) if comp.precision == "fp16" else ALL_SPECS[comp.spec]
         computes[name] = OvRuntime(entry / f"{name}.xml", spec, device=options.device).inference_precision
     builds.annotate(entry, "compiled", {"device": options.device, "inference_precision": computes})
     return entry
