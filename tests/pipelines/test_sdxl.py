@@ -1,0 +1,195 @@
+"""SDXL: export of a tiny random SDXL (base and refiner) and image parity with diffusers' SDXL pipelines.
+
+Reference: diffusers' StableDiffusionXL{,Img2Img}Pipeline on the same tiny model folder, same seed (CPU
+generator), same sampler; A1111's prompt syntax against diffusers fed ``prompt_embeds`` built here in torch
+the way A1111 builds SDXL conditioning (both encoders per chunk, weighted each on its own, pooled from the
+first chunk).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sdrt
+from sdrt import manifest as mf
+from sdrt.specs import ALL_SPECS
+
+from .conftest import WORST
+from .test_parity import TOLERANCE, pixels
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+ort = pytest.importorskip("onnxruntime")
+
+SIZE, STEPS = 64, 6
+PROMPT, NEGATIVE = "a red fox in the snow, photograph", "blurry"
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    from sdrt.exporters.random_model import build_random_model
+    return build_random_model(tmp_path_factory.mktemp("sdxl") / "model", "tiny-sdxl", seed=4)
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    from sdrt.exporters.random_model import build_random_model
+    return build_random_model(tmp_path_factory.mktemp("sdxl_refiner") / "model", "tiny-sdxl-refiner", seed=5)
+
+
+def _export(tmp_path_factory, model_dir, name):
+    from sdrt.exporters import ExportOptions, export
+    out = tmp_path_factory.mktemp(name) / "sdrt"
+    export(str(model_dir), out, ExportOptions(), progress=False)        # parity-checked against torch
+    return out
+
+
+@pytest.fixture(scope="module")
+def xl_export(tmp_path_factory, xl_dir):
+    return _export(tmp_path_factory, xl_dir, "sdxl_export")
+
+
+@pytest.fixture(scope="module")
+def refiner_export(tmp_path_factory, refiner_dir):
+    return _export(tmp_path_factory, refiner_dir, "sdxl_refiner_export")
+
+
+@pytest.fixture(scope="module")
+def xl(xl_export):
+    return sdrt.load(xl_export, runtime="onnxruntime", progress=False)
+
+
+@pytest.fixture(scope="module")
+def refiner(refiner_export):
+    return sdrt.load(refiner_export, runtime="onnxruntime", progress=False)
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    from PIL import Image
+    rng = np.random.default_rng(8)
+    base = np.linspace(0, 255, SIZE, dtype=np.float32)
+    rgb = np.stack([base[None, :].repeat(SIZE, 0), base[:, None].repeat(SIZE, 1),
+                    rng.uniform(0, 255, (SIZE, SIZE))], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def reference(folder, pipeline_cls, seed, sampler="Euler a", **kwargs) -> np.ndarray:
+    from sdrt.pipelines import samplers
+    pipe = getattr(diffusers, pipeline_cls).from_pretrained(folder)
+    cls, extra = samplers.DIFFUSERS_EQUIVALENT[sampler]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": PROMPT, "negative_prompt": NEGATIVE, **kwargs}
+    with torch.no_grad():
+        out = pipe(num_inference_steps=STEPS, guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(seed)],
+                   output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.int16)
+
+
+def compare(name, ours, theirs):
+    diff = int(np.abs(pixels(ours) - theirs).max())
+    WORST[name] = diff
+    assert diff <= TOLERANCE, f"{name}: max pixel difference {diff}/255 > {TOLERANCE}"
+
+
+def test_export_writes_both_text_encoders_and_the_sdxl_unet(xl_export, xl_dir):
+    manifest = mf.read(xl_export)
+    assert {n: c.spec for n, c in manifest.components.items()} == {
+        "text_encoder": "text_encoder_sdxl", "text_encoder_2": "text_encoder_2", "unet": "unet_sdxl",
+        "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
+    for component in manifest.components.values():
+        spec = ALL_SPECS[component.spec]
+        session = ort.InferenceSession(str(xl_export / component.file), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
+        assert [o.name for o in session.get_outputs()] == [t.name for t in spec.outputs]
+    unet = json.loads((xl_dir / "unet" / "config.json").read_text())
+    arch = manifest.architecture
+    assert arch["family"] == "sdxl" and arch["hidden_size"] + arch["hidden_size_2"] == unet["cross_attention_dim"]
+    assert (arch["addition_time_embed_dim"], arch["time_ids"], arch["text_embeds_dim"]) == (8, 6, 40)
+    assert arch["force_upcast"] and arch["force_zeros_for_empty_prompt"] and not arch["requires_aesthetics_score"]
+    assert arch["pad_token_id"] == 49407 and arch["pad_token_id_2"] == 0       # tokenizer_2 pads with "!"
+    assert (xl_export / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
+def test_txt2img(xl, xl_dir, sampler):
+    ours = xl.txt2img(PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, sampler=sampler, seed=3)
+    compare(f"sdxl txt2img[{sampler}]", ours,
+            reference(xl_dir, "StableDiffusionXLPipeline", 3, sampler, height=SIZE, width=SIZE))
+
+
+def test_empty_negative_prompt_is_zeros(xl, xl_dir):
+    """force_zeros_for_empty_prompt: "" (A1111) is diffusers' zero conditioning without a negative prompt."""
+    ours = xl.txt2img(PROMPT, width=SIZE, height=SIZE, steps=STEPS, sampler="Euler", seed=4)
+    compare("sdxl txt2img[empty negative]", ours,
+            reference(xl_dir, "StableDiffusionXLPipeline", 4, "Euler", negative_prompt=None, height=SIZE, width=SIZE))
+
+
+def test_size_conditioning(xl, xl_dir):
+    sizes = dict(original_size=(512, 384), crops_coords_top_left=(16, 8), target_size=(256, 320))
+    ours = xl.txt2img(PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=48, steps=STEPS, seed=5, **sizes)
+    compare("sdxl txt2img[size conditioning]", ours,
+            reference(xl_dir, "StableDiffusionXLPipeline", 5, height=48, width=SIZE, **sizes))
+    default = xl.txt2img(PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=48, steps=STEPS, seed=5)
+    assert np.abs(pixels(default) - pixels(ours)).max() > TOLERANCE     # the time ids do reach the UNet
+
+
+def test_img2img(xl, xl_dir, init_image):
+    ours = xl.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.6, steps=STEPS, seed=6)
+    compare("sdxl img2img", ours,
+            reference(xl_dir, "StableDiffusionXLImg2ImgPipeline", 6, image=init_image, strength=0.6))
+
+
+def _a1111_conditioning(model_dir, chunks):
+    """A1111's SDXL conditioning in torch: ``chunks`` is [[(text, weight), ...], ...] (BREAK between chunks).
+    Each chunk is BOS + tokens + EOS + padding through both encoders; each encoder's penultimate hidden states
+    are weighted and their mean restored on their own; pooled text_embeds of the first chunk."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    encoders = [(CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+                 CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")),
+                (CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2"),
+                 CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2"))]
+    rows, pooled = [], None
+    for chunk in chunks:
+        parts = []
+        for tokenizer, model in encoders:
+            ids, weights = [tokenizer.bos_token_id], [1.0]
+            for text, weight in chunk:
+                tokens = tokenizer(text, add_special_tokens=False).input_ids
+                ids, weights = ids + tokens, weights + [weight] * len(tokens)
+            ids = ids + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (76 - len(ids))
+            weights = torch.tensor(weights + [1.0] * (77 - len(weights)))
+            with torch.no_grad():
+                out = model(torch.tensor([ids]), output_hidden_states=True)
+            z = out.hidden_states[-2][0]
+            scaled = z * weights[:, None]
+            parts.append(scaled * (z.mean() / scaled.mean()))
+            if pooled is None and hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows)[None], pooled
+
+
+def test_a1111_emphasis_and_break(xl, xl_dir):
+    ours = xl.txt2img("a (red:1.3) fox BREAK in the [snow]", negative_prompt="(blurry:1.2) BREAK dark",
+                      width=SIZE, height=SIZE, steps=STEPS, seed=7)
+    embeds, pooled = _a1111_conditioning(xl_dir, [[("a", 1.0), ("red", 1.3), ("fox", 1.0)],
+                                                  [("in the", 1.0), ("snow", 1 / 1.1)]])
+    negative, negative_pooled = _a1111_conditioning(xl_dir, [[("blurry", 1.2)], [("dark", 1.0)]])
+    compare("sdxl txt2img[emphasis, BREAK]", ours,
+            reference(xl_dir, "StableDiffusionXLPipeline", 7, prompt=None, negative_prompt=None,
+                      prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                      negative_pooled_prompt_embeds=negative_pooled, height=SIZE, width=SIZE))
+
+
+def test_refiner_img2img(refiner, refiner_dir, refiner_export, init_image):
+    """The refiner: text_encoder_2 only, aesthetic scores in place of the target size."""
+    assert set(mf.read(refiner_export).components) == {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    ours = refiner.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.5, steps=STEPS, seed=9,
+                           aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    compare("sdxl refiner img2img", ours,
+            reference(refiner_dir, "StableDiffusionXLImg2ImgPipeline", 9, image=init_image, strength=0.5,
+                      aesthetic_score=7.0, negative_aesthetic_score=2.0))
