@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, ParityError
-from ..specs import CLIP_LENGTH, SDXL_SPECS, SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import CLIP_LENGTH, FP32_INPUTS, SDXL_SPECS, SPECS, VAE_FACTOR, ComponentSpec, half
 from .sources import Source
 from .weight_map import write_weight_map
 
@@ -229,7 +229,7 @@ def to_fp16(path: Path) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     graph = onnx.load(str(path), load_external_data=False).graph
     keep = [n.name for n in graph.node if n.name.startswith(TIME_PROJ_NODES)] + attention_scores(graph)
-    model = convert_float_to_float16(str(path), keep_io_types=["timestep"], node_block_list=keep,
+    model = convert_float_to_float16(str(path), keep_io_types=list(FP32_INPUTS), node_block_list=keep,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
     drop_fp16_round_trips(model.graph)
     return model
