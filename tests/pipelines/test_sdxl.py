@@ -211,3 +211,33 @@ def test_fp16_export_keeps_the_vae_fp32(tmp_path_factory, xl_dir, xl):
     half = sdrt.load(out, runtime="onnxruntime", progress=False)
     kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=11)
     assert np.abs(pixels(half.txt2img(PROMPT, **kwargs)) - pixels(xl.txt2img(PROMPT, **kwargs))).max() <= 2
+
+
+@pytest.fixture(scope="module")
+def mask_image():
+    from PIL import Image
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[16:48, 8:40] = 255
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_4_channel(xl, xl_dir, init_image, mask_image, strength):
+    ours = xl.inpaint(init_image, mask_image, PROMPT, negative_prompt=NEGATIVE, strength=strength, steps=STEPS,
+                      seed=12)
+    compare(f"sdxl inpaint4[strength {strength}]", ours,
+            reference(xl_dir, "StableDiffusionXLInpaintPipeline", 12, image=init_image, mask_image=mask_image,
+                      strength=strength, height=SIZE, width=SIZE))
+
+
+def test_inpaint_9_channel(tmp_path_factory, init_image, mask_image):
+    from sdrt.exporters.random_model import build_random_model
+    model_dir = build_random_model(tmp_path_factory.mktemp("sdxl_inpaint") / "model", "tiny-sdxl", inpaint=True,
+                                   seed=6)
+    pipe = sdrt.load(_export(tmp_path_factory, model_dir, "sdxl_inpaint_export", check_parity=False),
+                     runtime="onnxruntime", progress=False)
+    assert pipe.models.arch["unet_in_channels"] == 9
+    ours = pipe.inpaint(init_image, mask_image, PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=13)
+    compare("sdxl inpaint9", ours,
+            reference(model_dir, "StableDiffusionXLInpaintPipeline", 13, image=init_image, mask_image=mask_image,
+                      strength=1.0, height=SIZE, width=SIZE))
