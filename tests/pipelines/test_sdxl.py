@@ -241,3 +241,35 @@ def test_inpaint_9_channel(tmp_path_factory, init_image, mask_image):
     compare("sdxl inpaint9", ours,
             reference(model_dir, "StableDiffusionXLInpaintPipeline", 13, image=init_image, mask_image=mask_image,
                       strength=1.0, height=SIZE, width=SIZE))
+
+
+def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
+    """A diffusers/PEFT SDXL LoRA (unet, text_encoder, text_encoder_2) gives diffusers' image with it."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "linear_1"],
+               "text_encoder": ["q_proj", "v_proj", "fc1"], "text_encoder_2": ["k_proj", "out_proj", "fc2"]}
+    for component, modules in targets.items():
+        getattr(pipe, component).add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=modules,
+                                                        init_lora_weights="gaussian"), adapter_name="fox")
+        for name, p in getattr(pipe, component).named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+    pipe.save_lora_weights(tmp_path, **{f"{c}_lora_layers": get_peft_model_state_dict(getattr(pipe, c), adapter_name="fox")
+                                        for c in targets},
+                           **{f"{c}_lora_adapter_metadata": getattr(pipe, c).peft_config["fox"].to_dict() for c in targets})
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, sampler="Euler", seed=14)
+    ours = sdrt.load(xl_export, runtime="onnxruntime", progress=False)
+    plain = ours.txt2img(PROMPT, **kwargs)
+    ours.set_loras([(tmp_path / "pytorch_lora_weights.safetensors", 1.0)])
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+                   width=SIZE, generator=[torch.Generator("cpu").manual_seed(14)], output_type="np").images
+    theirs = (out * 255).round().astype(np.int16)
+    assert np.abs(pixels(plain) - theirs).max() > 10                  # the LoRA changes the image
+    compare("sdxl lora", ours.txt2img(PROMPT, **kwargs), theirs)
