@@ -193,7 +193,8 @@ def export_component(source: Source, name: str, folder: Path, *, opset: int = 17
         feeds = spec.sample(rng, **check_dims(source, name))
         if "input_ids" in feeds:            # an EOS somewhere in each row, as tokenized prompts have
             ids = feeds["input_ids"]
-            ids[np.arange(len(ids)), rng.integers(1, ids.shape[1], len(ids))] = (source.tokenizer or source.tokenizer_2).eos_token_id
+            eos = (source.tokenizer or source.tokenizer_2).eos_token_id
+            ids[np.arange(len(ids)), rng.integers(1, ids.shape[1], len(ids))] = eos
         diffs = parity(module, half(spec) if fp16 else spec, path, feeds)
         log.info("%s parity: %s", name, ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     return files, diffs

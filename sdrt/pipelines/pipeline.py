@@ -430,7 +430,8 @@ class StableDiffusion:
     def _sdxl_encoder(self, req: Request) -> sdxl.SDXLTextEncoder:
         m = self.models
         pairs = [(m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)]
-        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs if runtime is not None]
+        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs
+                 if runtime is not None]
         return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:

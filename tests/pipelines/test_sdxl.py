@@ -53,7 +53,8 @@ def xl_export(tmp_path_factory, xl_dir):
 
 @pytest.fixture(scope="module")
 def refiner_export(tmp_path_factory, refiner_dir):
-    return _export(tmp_path_factory, refiner_dir, "sdxl_refiner_export", check_parity=False)   # its image is held to diffusers'
+    # no torch parity check: the refiner's image is held to diffusers'
+    return _export(tmp_path_factory, refiner_dir, "sdxl_refiner_export", check_parity=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,14 @@ def init_image():
     return Image.fromarray(rgb.astype(np.uint8))
 
 
+PIPES: dict = {}        # (folder, pipeline class) -> the loaded diffusers pipeline
+
+
 def reference(folder, pipeline_cls, seed, sampler="Euler a", **kwargs) -> np.ndarray:
     from sdrt.pipelines import samplers
-    pipe = getattr(diffusers, pipeline_cls).from_pretrained(folder)
+    if (folder, pipeline_cls) not in PIPES:
+        PIPES[folder, pipeline_cls] = getattr(diffusers, pipeline_cls).from_pretrained(folder)
+    pipe = PIPES[folder, pipeline_cls]
     cls, extra = samplers.DIFFUSERS_EQUIVALENT[sampler]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -260,9 +266,9 @@ def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
         for name, p in getattr(pipe, component).named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.2)
-    pipe.save_lora_weights(tmp_path, **{f"{c}_lora_layers": get_peft_model_state_dict(getattr(pipe, c), adapter_name="fox")
-                                        for c in targets},
-                           **{f"{c}_lora_adapter_metadata": getattr(pipe, c).peft_config["fox"].to_dict() for c in targets})
+    layers = {f"{c}_lora_layers": get_peft_model_state_dict(getattr(pipe, c), adapter_name="fox") for c in targets}
+    metadata = {f"{c}_lora_adapter_metadata": getattr(pipe, c).peft_config["fox"].to_dict() for c in targets}
+    pipe.save_lora_weights(tmp_path, **layers, **metadata)
     kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, sampler="Euler", seed=14)
     ours = sdrt.load(xl_export, runtime="onnxruntime", progress=False)
     plain = ours.txt2img(PROMPT, **kwargs)
