@@ -1,7 +1,8 @@
 """Random-weight Stable Diffusion pipelines of a named architecture, saved in diffusers format.
 
 Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build); benchmarks use ``sd15``
-(the real SD 1.5 shapes; latency does not depend on weight values). Nothing is downloaded.
+(the real SD 1.5 shapes; latency does not depend on weight values); ``tiny-sdxl``/``sdxl`` and their
+``-refiner`` are SDXL 1.0's structure and real shapes. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -115,13 +116,13 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
 
     Args:
         out: folder to write (created; existing files are overwritten).
-        arch: a key of ``ARCHITECTURES`` ("tiny" for tests, "sd15" for benchmarks).
+        arch: a key of ``ARCHITECTURES`` ("tiny" for tests, "sd15" for benchmarks) or ``SDXL_ARCHITECTURES``.
         inpaint: 9-channel UNet input (latents ⊕ mask ⊕ masked-image latents).
         prediction_type: "epsilon" or "v_prediction", stored in the scheduler config.
         seed: torch seed of the random initialisation.
     """
     if arch in SDXL_ARCHITECTURES:
-        return build_random_sdxl(out, arch, inpaint=inpaint, seed=seed)
+        return build_random_sdxl(out, arch, inpaint=inpaint, prediction_type=prediction_type, seed=seed)
     if arch not in ARCHITECTURES:
         raise ExportError(f"unknown architecture {arch!r}; choose one of "
                           f"{sorted(ARCHITECTURES) + sorted(SDXL_ARCHITECTURES)}")
@@ -149,7 +150,8 @@ def _clip_config(**kwargs) -> CLIPTextConfig:
                           pad_token_id=49407, **kwargs)
 
 
-def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = False, seed: int = 0) -> Path:
+def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = False,
+                      prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Write a random-weight SDXL pipeline (StableDiffusionXLPipeline; a ``*-refiner`` architecture:
     StableDiffusionXLImg2ImgPipeline with text_encoder_2 only and aesthetic-score time ids) to ``out``.
 
@@ -169,7 +171,7 @@ def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = Fal
                  text_encoder_2=text_encoder_2.eval(), unet=unet.eval(),
                  tokenizer=None if refiner else CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
                  tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
-                 scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
+                 scheduler=EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER, "prediction_type": prediction_type}))
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
                                                 force_zeros_for_empty_prompt=False)

@@ -4,6 +4,7 @@ Everything here is NumPy over ``Runtime`` objects; no backend and no torch is im
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 import weakref
@@ -22,10 +23,12 @@ from . import images, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
-from .embeddings import Embedding, Vocabulary, read_folder
+from .embeddings import SUFFIXES, Embedding, Vocabulary, read_folder
 from .rng import make_generator
 from .tiling import OVERLAP, TILE, tiled
 from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 4294967294          # A1111 draws random seeds below this
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"      # CLIP's table; textual inversion extends it
@@ -337,8 +340,10 @@ class StableDiffusion:
         """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
         word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
         is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
-        if self.models.arch.get("family") == "sdxl":
-            raise InvalidRequest("textual-inversion embeddings for SDXL are not supported yet")
+        if self.models.arch.get("family") == "sdxl":        # skipped as A1111 skips another family's
+            skipped = sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            log.warning("textual-inversion embeddings for SDXL are not supported yet; %d skipped", len(skipped))
+            return [], skipped
         weights = self._weights()
         table = weights.original("text_encoder", TOKEN_EMBEDDING)
         loaded, skipped = read_folder(Path(folder), table.shape[1])
@@ -365,7 +370,8 @@ class StableDiffusion:
         except TypeError as e:
             raise InvalidRequest(str(e)) from None
         req.check(self.factor)
-        req.text_options.check(self.models.arch.get("text_layers", 12))
+        arch = self.models.arch
+        req.text_options.check(min(arch.get("text_layers", 12), arch.get("text_layers_2", arch.get("text_layers", 12))))
         if req.seed is None or req.seed == -1:
             req = replace(req, seed=random.randrange(MAX_SEED))
         return req

@@ -279,3 +279,10 @@ def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
     theirs = (out * 255).round().astype(np.int16)
     assert np.abs(pixels(plain) - theirs).max() > 10                  # the LoRA changes the image
     compare("sdxl lora", ours.txt2img(PROMPT, **kwargs), theirs)
+
+
+def test_embeddings_are_skipped_not_misapplied(xl, tmp_path):
+    from safetensors.numpy import save_file
+    save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "style.safetensors"))
+    assert xl.load_embeddings(tmp_path) == ([], [tmp_path / "style.safetensors"])
+    assert xl.vocabulary is None
