@@ -22,7 +22,7 @@ PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
 # how each component's modules are named in LoRA files: kohya prefix (dots become "_"), PEFT prefix
 PREFIXES = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te_", "text_encoder."),
             "text_encoder_2": ("lora_te2_", "text_encoder_2.")}                    # SDXL's OpenCLIP-G
-KOHYA_ALIASES = {"text_encoder": "lora_te1_"}         # kohya's SDXL files name CLIP-L "te1"
+KOHYA_ALIASES = {"text_encoder": "lora_te1_"}         # kohya's SDXL files name CLIP-L "te1" (SDXL models only)
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 SHOWN = 4                       # keys quoted in an error message
 
@@ -140,7 +140,7 @@ def module_names(maps: dict[str, dict[str, Entry]]) -> dict[str, tuple[str, str]
             module = param.removesuffix(".weight")
             for path in ([module, f"text_model.{module}"] if component.startswith("text_encoder") else [module]):
                 names[kohya + path.replace(".", "_")] = names[peft + path] = (component, param)
-                if component in KOHYA_ALIASES:
+                if component in KOHYA_ALIASES and "text_encoder_2" in maps:        # SDXL models only
                     names[KOHYA_ALIASES[component] + path.replace(".", "_")] = (component, param)
     return names
 
