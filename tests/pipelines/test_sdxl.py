@@ -280,7 +280,20 @@ def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
                    width=SIZE, generator=[torch.Generator("cpu").manual_seed(14)], output_type="np").images
     theirs = (out * 255).round().astype(np.int16)
     assert np.abs(pixels(plain) - theirs).max() > 10                  # the LoRA changes the image
-    compare("sdxl lora", ours.txt2img(PROMPT, **kwargs), theirs)
+    with_lora = ours.txt2img(PROMPT, **kwargs)
+    compare("sdxl lora", with_lora, theirs)
+    # the same LoRA in kohya's spelling (lora_te1_/lora_te2_/lora_unet_ + module path, explicit alpha)
+    from safetensors.torch import save_file
+    kohya = {}
+    for c, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        for key, value in layers[f"{c}_lora_layers"].items():
+            module, part = key.rsplit(".lora_", 1)
+            name = prefix + module.removeprefix("base_model.model.").replace(".", "_")
+            kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value.contiguous()
+            kohya[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    ours.set_loras([(tmp_path / "kohya.safetensors", 1.0)])
+    assert np.abs(pixels(ours.txt2img(PROMPT, **kwargs)) - pixels(with_lora)).max() == 0
 
 
 def test_embeddings_are_skipped_not_misapplied(xl, tmp_path):
