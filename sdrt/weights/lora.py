@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequest
+from .sgm import sgm_paths
 from .weight_map import Entry
 
 # key suffix -> part of a LoRA module; kohya first, then diffusers' older and PEFT spellings
@@ -142,6 +143,10 @@ def module_names(maps: dict[str, dict[str, Entry]]) -> dict[str, tuple[str, str]
                 names[kohya + path.replace(".", "_")] = names[peft + path] = (component, param)
                 if component in KOHYA_ALIASES and "text_encoder_2" in maps:        # SDXL models only
                     names[KOHYA_ALIASES[component] + path.replace(".", "_")] = (component, param)
+    if "text_encoder_2" in maps and "unet" in maps:          # SDXL: kohya's files spell the UNet as SGM does
+        modules = {param.removesuffix(".weight"): param for param in maps["unet"]}
+        for module, path in sgm_paths(list(modules)).items():
+            names.setdefault(PREFIXES["unet"][0] + path.replace(".", "_"), ("unet", modules[module]))
     return names
 
 

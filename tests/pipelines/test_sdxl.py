@@ -301,3 +301,49 @@ def test_embeddings_are_skipped_not_misapplied(xl, tmp_path):
     save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "style.safetensors"))
     assert xl.load_embeddings(tmp_path) == ([], [tmp_path / "style.safetensors"])
     assert xl.vocabulary is None
+
+
+SGM_MODULES = {   # diffusers path -> kohya's SGM spelling of the tiny SDXL (layers_per_block 2, attention in
+    # down block 1 and up block 0): what sd-scripts writes for SDXL UNets
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k": "input_blocks_5_1_transformer_blocks_1_attn2_to_k",
+    "down_blocks.1.attentions.0.proj_in": "input_blocks_4_1_proj_in",
+    "down_blocks.0.resnets.1.conv1": "input_blocks_2_0_in_layers_2",
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2": "middle_block_1_transformer_blocks_0_ff_net_2",
+    "mid_block.resnets.1.conv2": "middle_block_2_out_layers_3",
+    "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0":
+        "output_blocks_2_1_transformer_blocks_0_attn1_to_out_0",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks_2_2_conv",
+    "up_blocks.1.resnets.2.conv_shortcut": "output_blocks_5_0_skip_connection",
+}
+
+
+def test_kohya_sdxl_lora_with_sgm_names(xl_export, xl_dir, tmp_path):
+    """kohya's SDXL UNet spelling (modules by their SGM names) gives the image diffusers gives with it."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    targets = [("lora_unet_" + sgm, pipe.unet.get_submodule(path)) for path, sgm in SGM_MODULES.items()]
+    # UNet only: diffusers 0.42 cannot read kohya's text-encoder keys under transformers 5 ("Could not
+    # automatically infer state dict type"); lora_te1_/lora_te2_ are checked in the PEFT test above
+    tensors = {}
+    for key, m in targets:
+        conv = isinstance(m, torch.nn.Conv2d)
+        down = (4, m.in_channels, *m.kernel_size) if conv else (4, m.in_features)
+        up = (m.out_channels, 4, 1, 1) if conv else (m.out_features, 4)
+        tensors |= {f"{key}.lora_down.weight": torch.randn(down, generator=g) * 0.3,
+                    f"{key}.lora_up.weight": torch.randn(up, generator=g) * 0.3, f"{key}.alpha": torch.tensor(2.0)}
+    save_file(tensors, str(tmp_path / "sgm.safetensors"))
+    pipe.load_lora_weights(str(tmp_path / "sgm.safetensors"))
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+                   width=SIZE, generator=[torch.Generator("cpu").manual_seed(15)], output_type="np").images
+    ours = sdrt.load(xl_export, runtime="onnxruntime", progress=False)
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, sampler="Euler", seed=15)
+    theirs = (out * 255).round().astype(np.int16)
+    assert np.abs(pixels(ours.txt2img(PROMPT, **kwargs)) - theirs).max() > 10     # the LoRA changes the image
+    ours.set_loras([(tmp_path / "sgm.safetensors", 1.0)])
+    compare("sdxl kohya lora (SGM names)", ours.txt2img(PROMPT, **kwargs), theirs)
