@@ -135,6 +135,10 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
 
 
 def _from_single_file(path: Path, config: str | None) -> Source:
+    if _sdxl_checkpoint(path):
+        raise ExportError(f"{path}: SDXL single-file checkpoints are not supported yet; convert it to a diffusers "
+                          "folder (diffusers' StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR)) "
+                          "and export that folder")
     kwargs = {"config": config} if config else {}
     try:
         pipe = StableDiffusionPipeline.from_single_file(
@@ -150,6 +154,19 @@ def _from_single_file(path: Path, config: str | None) -> Source:
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                   tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
+
+
+def _sdxl_checkpoint(path: Path) -> bool:
+    """A ``.safetensors`` checkpoint of SDXL's original layout (its text encoders under ``conditioner.embedders``)."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = f.read(size) if size < 1 << 27 else b""
+    except OSError:
+        return False
+    return b'"conditioner.embedders.' in header
 
 
 def _first_line(e: Exception) -> str:

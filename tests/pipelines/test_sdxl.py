@@ -347,3 +347,14 @@ def test_kohya_sdxl_lora_with_sgm_names(xl_export, xl_dir, tmp_path):
     assert np.abs(pixels(ours.txt2img(PROMPT, **kwargs)) - theirs).max() > 10     # the LoRA changes the image
     ours.set_loras([(tmp_path / "sgm.safetensors", 1.0)])
     compare("sdxl kohya lora (SGM names)", ours.txt2img(PROMPT, **kwargs), theirs)
+
+
+def test_sdxl_single_file_is_refused_with_the_way_out(tmp_path):
+    from safetensors.numpy import save_file
+
+    from sdrt.errors import ExportError
+    from sdrt.exporters import export
+    checkpoint = tmp_path / "sd_xl_base.safetensors"
+    save_file({"conditioner.embedders.1.model.text_projection": np.zeros((2, 2), np.float32)}, str(checkpoint))
+    with pytest.raises(ExportError, match="SDXL single-file checkpoints are not supported yet.*save_pretrained"):
+        export(str(checkpoint), tmp_path / "out", progress=False)
