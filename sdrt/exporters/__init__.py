@@ -33,7 +33,7 @@ TILING = ("unet", "vae_encoder", "vae_decoder")     # the graphs seamless tiling
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 17
-    fp16: bool = False              # float16 weights and I/O
+    fp16: bool = False              # float16 weights and I/O (an SDXL VAE with force_upcast stays fp32)
     check_parity: bool = True       # compare every component with torch right after exporting it
     overwrite: bool = False         # replace a non-empty OUT
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
