@@ -11,14 +11,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from sdrt.exporters.random_model import ARCHITECTURES, build_random_model
+from sdrt.exporters.random_model import ARCHITECTURES, SDXL_ARCHITECTURES, build_random_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to write")
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES) + sorted(SDXL_ARCHITECTURES), default="tiny")
     parser.add_argument("--inpaint", action="store_true", help="9-channel inpainting UNet")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                         help="default: the architecture's (v_prediction for sd21, else epsilon)")

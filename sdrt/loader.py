@@ -13,12 +13,12 @@ from .pipelines.control import ControlModels
 from .pipelines.pipeline import TILING, Models, StableDiffusion, Variant, Variants
 from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
-from .specs import SPECS, half, unet_control
+from .specs import ALL_SPECS, half, unet_control
 from .weights.overrides import WeightOverrides
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+REQUIRED = ("unet", "vae_decoder")             # and a text encoder: text_encoder, or SDXL's text_encoder_2
 
 
 def load(folder: str | Path, runtime: str = "auto", precision: str | None = None, threads: int = 0,
@@ -46,6 +46,8 @@ def load(folder: str | Path, runtime: str = "auto", precision: str | None = None
     manifest = mf.read(folder, verify=verify)
     backend = runtimes.pick(runtime)
     missing = [c for c in REQUIRED if c not in manifest.components]
+    if not {"text_encoder", "text_encoder_2"} & set(manifest.components):
+        missing.append("text_encoder")
     if missing:
         raise ModelFolderError(f"{folder}: the export lacks {missing}; re-export the model")
     # a backend with a build step (OpenVINO IR, TensorRT engines) names its newest build's files
@@ -81,19 +83,23 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
         return Timed(backend.load(folder / comp.file, spec, threads=threads, initializers=initializers,
                                   **backend_options))
 
-    loaded = {name: load_one(comp, SPECS[comp.spec]) for name, comp in components.items()}
+    loaded = {name: load_one(comp, ALL_SPECS[comp.spec]) for name, comp in components.items()}
     arch = manifest.architecture
-    tokenizer = ClipTokenizer(folder / "tokenizer", arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
+    tokenizers = {name: ClipTokenizer(folder / name, arch["bos_token_id"], arch["eos_token_id"], arch[pad])
+                  for name, pad in (("tokenizer", "pad_token_id"), ("tokenizer_2", "pad_token_id_2"))
+                  if (folder / name).is_dir()}
+    tokenizer = tokenizers.get("tokenizer") or tokenizers["tokenizer_2"]     # the SDXL refiner has only the 2nd
     variants = _variants(manifest, load_one)
     models = Models(name=Path(manifest.source.rstrip("/")).stem or folder.name, arch=arch,
                     scheduler_config=json.loads((folder / "scheduler.json").read_text()),
-                    tokenizer=tokenizer, control=_control(manifest, load_one, variants), variants=variants,
-                    **loaded)
+                    tokenizer=tokenizer, tokenizer_2=tokenizers.get("tokenizer_2"),
+                    control=_control(manifest, load_one, variants), variants=variants,
+                    **{"text_encoder": None, **loaded})
 
     def reload(name: str, values):
         if variants is not None and name in variants.graphs:
             return variants.reload(name, values)
-        return load_one(components[name], SPECS[components[name].spec], values)
+        return load_one(components[name], ALL_SPECS[components[name].spec], values)
 
     # a variant graph follows the LoRAs and weight overrides of the component it stands for
     extra = variants.graphs if variants is not None else {}
@@ -113,7 +119,7 @@ def _layout(manifest: mf.Manifest) -> tuple[tuple[int, int], ...]:
 def _variants(manifest: mf.Manifest, load_one) -> Variants | None:
     """The graphs standing for a component (ONNX files, on any backend), loaded only when used: the UNet taking
     ControlNet residuals and the seamless-tiling graphs."""
-    graphs = {name + TILING: Variant(c, SPECS[c.spec], name) for name, c in manifest.tiling.items()}
+    graphs = {name + TILING: Variant(c, ALL_SPECS[c.spec], name) for name, c in manifest.tiling.items()}
     if manifest.unet_control is not None:
         graphs["unet_control"] = Variant(manifest.unet_control, unet_control(_layout(manifest)), "unet")
     return Variants(graphs, load_one) if graphs else None

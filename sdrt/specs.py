@@ -68,6 +68,8 @@ class ComponentSpec:
                 feeds[t.name] = rng.integers(0, dims.get("V", 1000), shape).astype(t.dtype)
             elif t.name == "timestep":
                 feeds[t.name] = rng.uniform(0, 999, shape).astype(t.dtype)
+            elif t.name == "time_ids":                # sizes and crops in pixels (aesthetic scores: a few)
+                feeds[t.name] = rng.integers(0, 1025, shape).astype(t.dtype)
             else:
                 feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
         return feeds
@@ -108,6 +110,27 @@ VAE_DECODER = ComponentSpec(
 
 SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
 
+# SDXL (Optimum's and the TensorRT demo's names). Its text encoders' hidden states are the raw layer outputs
+# (no final LayerNorm: SDXL conditions on the penultimate one as it is); ``D2``/``L2`` are OpenCLIP-G's width
+# and hidden-state count, ``P`` its projection (the pooled ``text_embeds``), ``T`` the number of time ids
+# (6: original size, crop, target size; 5 for the refiner: original size, crop, aesthetic score).
+TEXT_ENCODER_SDXL = replace(TEXT_ENCODER, name="text_encoder_sdxl")
+TEXT_ENCODER_2 = ComponentSpec(
+    "text_encoder_2",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int64"),),
+    outputs=(TensorSpec("text_embeds", ("B", "P")),
+             TensorSpec("last_hidden_state", ("B", "S", "D2")),
+             TensorSpec("hidden_states", ("L2", "B", "S", "D2"))),
+    atol=1e-4,
+)
+UNET_SDXL = replace(UNET, name="unet_sdxl",
+                    inputs=UNET.inputs + (TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", "T"))))
+# component -> spec of an SDXL export (the refiner has no ``text_encoder``)
+SDXL_SPECS = {"text_encoder": TEXT_ENCODER_SDXL, "text_encoder_2": TEXT_ENCODER_2, "unet": UNET_SDXL,
+              "vae_encoder": VAE_ENCODER, "vae_decoder": VAE_DECODER}
+# every spec a manifest component may name
+ALL_SPECS = {**SPECS, **{s.name: s for s in SDXL_SPECS.values()}}
+
 
 def residuals(down: str, mid: str, layout: tuple[tuple[int, int], ...]) -> tuple[TensorSpec, ...]:
     """The ControlNet residuals: ``<down>_<i>`` for every down-block one, then ``mid``.
@@ -141,12 +164,16 @@ def unet_control(layout: tuple[tuple[int, int], ...]) -> ComponentSpec:
                                                   layout))
 
 
+FP32_INPUTS = ("timestep", "time_ids")     # inputs an fp16 graph keeps float32
+
+
 def half(spec: ComponentSpec) -> ComponentSpec:
     """The fp16 variant of a spec: same names and shapes, float16 tensors, looser parity.
 
-    ``timestep`` stays float32: fp16 cannot hold fractional timesteps near 999 (spacing 0.5).
+    ``timestep`` stays float32: fp16 cannot hold fractional timesteps near 999 (spacing 0.5); so do SDXL's
+    ``time_ids`` (sizes in pixels, whose sinusoidal embedding the graph computes in fp32).
     """
     def f16(t: TensorSpec) -> TensorSpec:
-        return replace(t, dtype="float16") if t.dtype == "float32" and t.name != "timestep" else t
+        return replace(t, dtype="float16") if t.dtype == "float32" and t.name not in FP32_INPUTS else t
     return replace(spec, inputs=tuple(map(f16, spec.inputs)), outputs=tuple(map(f16, spec.outputs)),
                    atol=max(spec.atol * 20, 2e-2))

@@ -20,7 +20,7 @@ from ..errors import ExportError
 from ..manifest import MANIFEST, Component, Manifest, sha256, write
 from ..specs import CLIP_LENGTH, VAE_FACTOR
 from .controlnet import export_control, load_controlnets, residual_layout
-from .onnx import WRAPPERS, circular_padding, export_component
+from .onnx import circular_padding, component_spec, components, export_component, time_id_count
 from .sources import Source, load_source
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ TILING = ("unet", "vae_encoder", "vae_decoder")     # the graphs seamless tiling
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 17
-    fp16: bool = False              # float16 weights and I/O
+    fp16: bool = False              # float16 weights and I/O (an SDXL VAE with force_upcast stays fp32)
     check_parity: bool = True       # compare every component with torch right after exporting it
     overwrite: bool = False         # replace a non-empty OUT
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
@@ -81,16 +81,18 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
                  controlnets: dict | None = None) -> Manifest:
     """Write every component (and ControlNet), the scheduler and the tokenizer into ``folder``; the manifest last."""
     architecture = architecture_facts(model)
-    precision = "fp16" if options.fp16 else "fp32"
-    components = {}
-    bar = tqdm(WRAPPERS, desc="export", unit="model", disable=not progress)
+    if controlnets and model.sdxl:
+        raise ExportError(f"{model.name}: ControlNets for SDXL are not supported yet; export without --controlnet")
+    exported = {}
+    bar = tqdm(components(model), desc="export", unit="model", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
-                         check_parity=options.check_parity)
+        fp16 = options.fp16 and not _upcast_vae(model, name)
+        export_component(model, name, folder, opset=options.opset, fp16=fp16, check_parity=options.check_parity)
         log.info("%s exported in %.1f s", name, time.perf_counter() - start)
-        components[name] = Component(spec=name, file=f"{name}.onnx", precision=precision)
+        exported[name] = Component(spec=component_spec(model, name).name, file=f"{name}.onnx",
+                                   precision="fp16" if fp16 else "fp32")
     unet_control, nets = None, {}
     if controlnets:
         architecture["control_residuals"] = [list(r) for r in residual_layout(model.unet.config)]
@@ -101,21 +103,33 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
         with circular_padding(model.unet, model.vae):
             for name in TILING:
                 stem = f"{name}_tiling"
-                export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
+                fp16 = options.fp16 and not _upcast_vae(model, name)
+                export_component(model, name, folder, opset=options.opset, fp16=fp16,
                                  check_parity=options.check_parity, stem=stem)
-                tiling[name] = Component(spec=name, file=f"{stem}.onnx", precision=precision)
+                tiling[name] = Component(spec=component_spec(model, name).name, file=f"{stem}.onnx",
+                                         precision="fp16" if fp16 else "fp32")
     (folder / "scheduler.json").write_text(json.dumps(model.scheduler_config, indent=2, sort_keys=True))
-    save_tokenizer(model, folder / "tokenizer")
+    if model.tokenizer is not None:
+        save_tokenizer(model.tokenizer, model.name, folder / "tokenizer")
+    if model.tokenizer_2 is not None:
+        save_tokenizer(model.tokenizer_2, model.name, folder / "tokenizer_2")
     files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    manifest = Manifest(source=model.name, architecture=architecture, components=components, files=files,
+    manifest = Manifest(source=model.name, architecture=architecture, components=exported, files=files,
                         sdrt_version=getattr(sys.modules.get("sdrt"), "__version__", ""),
                         controlnets=nets, unet_control=unet_control, tiling=tiling)
     write(folder, manifest)
     return manifest
 
 
+def _upcast_vae(model: Source, name: str) -> bool:
+    """SDXL's VAE overflows fp16 (``force_upcast`` in its config; diffusers decodes it in fp32): kept fp32."""
+    return model.sdxl and name.startswith("vae_") and model.vae.config.get("force_upcast", True)
+
+
 def architecture_facts(model: Source) -> dict:
     """What the run-time pipeline needs to know about the model, read from the torch configs."""
+    if model.sdxl:
+        return sdxl_facts(model)
     unet, vae, text, tok = model.unet.config, model.vae.config, model.text_encoder.config, model.tokenizer
     vae_factor = 2 ** (len(vae.block_out_channels) - 1)
     if vae_factor != VAE_FACTOR:
@@ -132,16 +146,44 @@ def architecture_facts(model: Source) -> dict:
         inpaint=model.inpaint)
 
 
-def save_tokenizer(model: Source, folder: Path) -> None:
-    """Save the tokenizer with a ``tokenizer.json`` that the ``tokenizers`` library loads at run time."""
-    tokenizer = model.tokenizer
+def sdxl_facts(model: Source) -> dict:
+    """SDXL's facts: both text encoders' widths (the refiner has only the second), the pooled width, the time
+    ids, and the pipeline flags of model_index.json. ``hidden_size``/``text_layers``/token ids describe the
+    first text encoder present; ``*_2`` the second."""
+    unet, vae = model.unet.config, model.vae.config
+    text_2, tok_2 = model.text_encoder_2.config, model.tokenizer_2
+    first, tok = (model.text_encoder.config, model.tokenizer) if model.text_encoder is not None else (text_2, tok_2)
+    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
+    if vae_factor != VAE_FACTOR:
+        raise ExportError(f"{model.name}: the VAE downsamples by {vae_factor}, sdrt supports {VAE_FACTOR}")
+    widths = ([model.text_encoder.config.hidden_size] if model.text_encoder is not None else []) + [text_2.hidden_size]
+    if sum(widths) != unet.cross_attention_dim:
+        raise ExportError(f"{model.name}: the text encoders' widths {widths} do not add up to the UNet's "
+                          f"cross_attention_dim {unet.cross_attention_dim}")
+    return dict(
+        family="sdxl", latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
+        vae_scaling_factor=vae.scaling_factor, vae_factor=vae_factor, force_upcast=vae.get("force_upcast", True),
+        unet_downsample=2 ** (len(unet.block_out_channels) - 1),
+        prediction_type=model.prediction_type, cross_attention_dim=unet.cross_attention_dim,
+        sample_size=unet.sample_size, text_layers=first.num_hidden_layers, hidden_size=first.hidden_size,
+        text_encoders=2 if model.text_encoder is not None else 1,
+        text_layers_2=text_2.num_hidden_layers, hidden_size_2=text_2.hidden_size,
+        text_embeds_dim=text_2.projection_dim, addition_time_embed_dim=unet.addition_time_embed_dim,
+        time_ids=time_id_count(model), **model.pipeline_config,
+        model_max_length=min(tok.model_max_length, CLIP_LENGTH),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        pad_token_id_2=tok_2.pad_token_id, inpaint=model.inpaint)
+
+
+def save_tokenizer(tokenizer, name: str, folder: Path) -> None:
+    """Save a tokenizer with a ``tokenizer.json`` that the ``tokenizers`` library loads at run time."""
     if not getattr(tokenizer, "is_fast", False):          # transformers 4.x slow CLIPTokenizer
         from transformers import CLIPTokenizerFast
         tokenizer.save_pretrained(folder)
         tokenizer = CLIPTokenizerFast.from_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
-        raise ExportError(f"{model.name}: the tokenizer could not be saved as tokenizer.json")
+        raise ExportError(f"{name}: the tokenizer could not be saved as tokenizer.json")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

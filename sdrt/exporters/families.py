@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ExportError
 
-SUPPORTED = ("sd1", "sd2")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 NAMES = {
     "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
     "sdxl-refiner": "the Stable Diffusion XL refiner", "sd3": "Stable Diffusion 3", "flux": "Flux",
@@ -54,13 +54,10 @@ class Detected:
 def require_supported(detected: Detected, name: str) -> None:
     """Raise an ExportError naming the family when sdrt cannot export it (yet)."""
     family = detected.family
-    if family == "sdxl":
-        raise ExportError(f"{name}: {NAMES[family]} ({detected.detail}) is not supported yet; "
-                          "sdrt exports Stable Diffusion 1.x and 2.x models")
     if family not in SUPPORTED:
         what = NAMES.get(family, family)
         raise ExportError(f"{name}: {what} ({detected.detail}) is not supported; "
-                          "sdrt exports Stable Diffusion 1.x and 2.x models")
+                          "sdrt exports Stable Diffusion 1.x, 2.x and XL models")
     if detected.guidance_embedding:
         raise ExportError(f"{name}: a UNet conditioned on the guidance scale (time_cond_proj_dim, as in "
                           "LCM-distilled models) is not supported yet; export the base model and use an LCM LoRA")

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, ParityError
-from ..specs import CLIP_LENGTH, SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import CLIP_LENGTH, FP32_INPUTS, SDXL_SPECS, SPECS, VAE_FACTOR, ComponentSpec, half
 from .sources import Source
 from .weight_map import write_weight_map
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_OVER = 2**31 - 2**26      # protobuf's 2 GiB limit, less headroom for the graph itself
-TIME_PROJ_NODES = ("/unet/time_proj/", "/controlnet/time_proj/")   # sinusoidal timestep embedding: kept fp32
+# sinusoidal timestep embeddings (and SDXL's of its time ids): kept fp32
+TIME_PROJ_NODES = ("/unet/time_proj/", "/controlnet/time_proj/", "/unet/add_time_proj/")
 # Kept fp32 in fp16 graphs, where fp16 overflows into black images: attention softmax, and GroupNorm, which
 # the TorchScript exporter emits as Reshape -> InstanceNormalization -> Reshape (statistics of a group)
 FP32_OPS = ("Softmax", "InstanceNormalization")
@@ -83,19 +84,90 @@ WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Une
                                         "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
 
 
+class TextEncoderSDXL(nn.Module):
+    """SDXL's CLIP ViT-L: input_ids -> last_hidden_state, pooler_output, every raw hidden state (SDXL
+    conditions on the penultimate layer's output without the final LayerNorm)."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.clip = source.text_encoder
+
+    def forward(self, input_ids):
+        out = self.clip(input_ids, output_hidden_states=True)
+        return out.last_hidden_state, out.pooler_output, torch.stack(out.hidden_states)
+
+
+class TextEncoder2(nn.Module):
+    """SDXL's OpenCLIP ViT-bigG with projection: input_ids -> text_embeds (pooled, projected),
+    last_hidden_state, every raw hidden state."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.clip = source.text_encoder_2
+
+    def forward(self, input_ids):
+        out = self.clip(input_ids, output_hidden_states=True)
+        return out.text_embeds, out.last_hidden_state, torch.stack(out.hidden_states)
+
+
+class UnetSDXL(nn.Module):
+    """sample, timestep, encoder_hidden_states, text_embeds, time_ids -> out_sample (diffusers'
+    ``added_cond_kwargs``: the pooled text embedding and the size/crop conditioning)."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.unet = source.unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+SDXL_WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoderSDXL, "text_encoder_2": TextEncoder2,
+                                             "unet": UnetSDXL, "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
+
+
+def components(source: Source) -> list[str]:
+    """The components ``source`` exports, in order (the SDXL refiner has no ``text_encoder``)."""
+    if not source.sdxl:
+        return list(WRAPPERS)
+    return [name for name in SDXL_WRAPPERS if name != "text_encoder" or source.text_encoder is not None]
+
+
+def component_spec(source: Source, name: str) -> ComponentSpec:
+    return (SDXL_SPECS if source.sdxl else SPECS)[name]
+
+
 def dims(source: Source, stage: str) -> dict[str, int]:
     """Values of the spec symbols: ``trace`` (batch 1, square) or ``check`` (batch 2, other size, 2 chunks).
 
     The latent sizes are deliberately NOT multiples of the UNet's downsampling: diffusers then passes
     explicit upsample sizes, so the traced graph serves every multiple of 8 px, as A1111 allows.
     """
-    unet, text = source.unet.config, source.text_encoder.config
+    unet = source.unet.config
+    text = (source.text_encoder or source.text_encoder_2).config
     step = VAE_FACTOR * 2 ** (len(unet.block_out_channels) - 1)
     fixed = dict(D=text.hidden_size, L=text.num_hidden_layers + 1, C=source.vae.config.latent_channels,
                  CI=unet.in_channels, V=text.vocab_size)
+    if source.sdxl:
+        text_2 = source.text_encoder_2.config
+        fixed |= dict(D=unet.cross_attention_dim, D2=text_2.hidden_size, L2=text_2.num_hidden_layers + 1,
+                      P=text_2.projection_dim, T=time_id_count(source))
     if stage == "trace":
         return dict(fixed, B=1, H=2 * step + VAE_FACTOR, W=2 * step + VAE_FACTOR, S=CLIP_LENGTH)
     return dict(fixed, B=2, H=3 * step + VAE_FACTOR, W=2 * step, S=CLIP_LENGTH)
+
+
+def time_id_count(source: Source) -> int:
+    """How many time ids an SDXL UNet takes (6; 5 for the refiner): diffusers sizes its added embedding's
+    input as addition_time_embed_dim * ids + the pooled text embedding's width."""
+    unet, width = source.unet.config, source.text_encoder_2.config.projection_dim
+    count, rest = divmod(unet.projection_class_embeddings_input_dim - width, unet.addition_time_embed_dim)
+    if rest or count < 1:
+        raise ExportError(f"{source.name}: the UNet's projection_class_embeddings_input_dim "
+                          f"{unet.projection_class_embeddings_input_dim} is not text_encoder_2's projection_dim "
+                          f"{width} plus whole time ids of {unet.addition_time_embed_dim}; not an SDXL model")
+    return count
 
 
 def check_dims(source: Source, name: str) -> dict[str, int]:
@@ -110,8 +182,8 @@ def export_component(source: Source, name: str, folder: Path, *, opset: int = 17
 
     Returns the files written (graph, external data when large, weight map) and the max diff of every output.
     """
-    spec = SPECS[name]
-    module = WRAPPERS[name](source).eval()
+    spec = component_spec(source, name)
+    module = (SDXL_WRAPPERS if source.sdxl else WRAPPERS)[name](source).eval()
     path = folder / f"{stem or name}.onnx"
     rng = np.random.default_rng(0)
     files = export_onnx(module, spec, path, spec.sample(rng, **dims(source, "trace")), opset, fp16)
@@ -121,7 +193,8 @@ def export_component(source: Source, name: str, folder: Path, *, opset: int = 17
         feeds = spec.sample(rng, **check_dims(source, name))
         if "input_ids" in feeds:            # an EOS somewhere in each row, as tokenized prompts have
             ids = feeds["input_ids"]
-            ids[np.arange(len(ids)), rng.integers(1, ids.shape[1], len(ids))] = source.tokenizer.eos_token_id
+            eos = (source.tokenizer or source.tokenizer_2).eos_token_id
+            ids[np.arange(len(ids)), rng.integers(1, ids.shape[1], len(ids))] = eos
         diffs = parity(module, half(spec) if fp16 else spec, path, feeds)
         log.info("%s parity: %s", name, ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     return files, diffs
@@ -157,7 +230,7 @@ def to_fp16(path: Path) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     graph = onnx.load(str(path), load_external_data=False).graph
     keep = [n.name for n in graph.node if n.name.startswith(TIME_PROJ_NODES)] + attention_scores(graph)
-    model = convert_float_to_float16(str(path), keep_io_types=["timestep"], node_block_list=keep,
+    model = convert_float_to_float16(str(path), keep_io_types=list(FP32_INPUTS), node_block_list=keep,
                                      op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
     drop_fp16_round_trips(model.graph)
     return model

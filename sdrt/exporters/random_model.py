@@ -1,9 +1,9 @@
 """Random-weight Stable Diffusion pipelines of a named architecture, saved in diffusers format.
 
-Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build) and ``tiny-sd2`` (SD 2.x's
+Tests export a ``tiny`` model (same structure as SD 1.5, a few seconds to build), ``tiny-sd2`` (SD 2.x's
 structure: OpenCLIP-style text encoder with GELU, linear attention projections, head width per block, the
-tokenizer padding with "!"); benchmarks use ``sd15`` or ``sd21`` (the real shapes; latency does not depend
-on weight values). Nothing is downloaded.
+tokenizer padding with "!") and ``tiny-sdxl``/``tiny-sdxl-refiner``; benchmarks use ``sd15``, ``sd21`` or
+``sdxl``/``sdxl-refiner`` (the real shapes; latency does not depend on weight values). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
 
@@ -24,6 +25,12 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "data" / "clip_tokenize
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
                       set_alpha_to_one=False, clip_sample=False)
+
+# SDXL 1.0's scheduler_config.json (EulerDiscreteScheduler, "leading" spacing)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                      interpolation_type="linear", use_karras_sigmas=False, sample_max_value=1.0,
+                      set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
 
 ARCHITECTURES = {
     "tiny": dict(
@@ -83,6 +90,59 @@ _sd21 = ARCHITECTURES["sd21"]
 ARCHITECTURES["sd21-base"] = dict(_sd21, unet=dict(_sd21["unet"], sample_size=64, upcast_attention=False),
                                   vae=dict(_sd21["vae"], sample_size=512), prediction_type="epsilon")
 
+# SDXL: ``text`` is CLIP ViT-L, ``text_2`` OpenCLIP ViT-bigG with projection (the refiner has only text_2);
+# the UNet's cross_attention_dim is their widths together, its added embedding takes
+# addition_time_embed_dim * time ids (6; refiner 5) + text_2's projection_dim
+SDXL_ARCHITECTURES = {
+    "tiny-sdxl": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                  transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=32,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=6 * 8 + 40),
+        vae=dict(ARCHITECTURES["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                  projection_dim=32, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    projection_dim=40, hidden_act="gelu"),
+    ),
+    "tiny-sdxl-refiner": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                  transformer_layers_per_block=1, use_linear_projection=True, norm_num_groups=32,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  cross_attention_dim=48, projection_class_embeddings_input_dim=5 * 8 + 40),
+        vae=dict(ARCHITECTURES["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),
+        text_2=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    projection_dim=40, hidden_act="gelu"),
+    ),
+    "sdxl": dict(               # stabilityai/stable-diffusion-xl-base-1.0
+        unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                  use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, cross_attention_dim=2048, projection_class_embeddings_input_dim=2816),
+        vae=dict(ARCHITECTURES["sd15"]["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text=dict(ARCHITECTURES["sd15"]["text"]),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu"),
+    ),
+    "sdxl-refiner": dict(       # stabilityai/stable-diffusion-xl-refiner-1.0
+        unet=dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2, sample_size=128,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+                  use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, cross_attention_dim=1280, projection_class_embeddings_input_dim=2560),
+        vae=dict(ARCHITECTURES["sd15"]["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu"),
+    ),
+}
+
 
 def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
                        prediction_type: str | None = None, seed: int = 0) -> Path:
@@ -90,12 +150,16 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
 
     Args:
         out: folder to write (created; existing files are overwritten).
-        arch: a key of ``ARCHITECTURES`` ("tiny", "tiny-sd2" for tests, "sd15", "sd21", "sd21-base" for benchmarks).
+        arch: a key of ``ARCHITECTURES`` ("tiny", "tiny-sd2" for tests, "sd15", "sd21", "sd21-base" for
+            benchmarks) or of ``SDXL_ARCHITECTURES`` ("tiny-sdxl", "tiny-sdxl-refiner", "sdxl", "sdxl-refiner").
         inpaint: 9-channel UNet input (latents ⊕ mask ⊕ masked-image latents).
         prediction_type: "epsilon" or "v_prediction", stored in the scheduler config (default: the
             architecture's own, v-prediction for "sd21", else epsilon).
         seed: torch seed of the random initialisation.
     """
+    if arch in SDXL_ARCHITECTURES:
+        return build_random_sdxl(out, arch, inpaint=inpaint, prediction_type=prediction_type or "epsilon",
+                                 seed=seed)
     torch.manual_seed(seed)
     pipe = _pipeline(arch, inpaint, prediction_type)
     _trained_like_final_norm(pipe.text_encoder)
@@ -122,7 +186,8 @@ def write_configs(out: Path, arch: str, *, inpaint: bool = False, prediction_typ
 
 def _pipeline(arch: str, inpaint: bool, prediction_type: str | None) -> StableDiffusionPipeline:
     if arch not in ARCHITECTURES:
-        raise ExportError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise ExportError(f"unknown architecture {arch!r}; choose one of "
+                          f"{sorted(ARCHITECTURES) + sorted(SDXL_ARCHITECTURES)}")
     cfg = ARCHITECTURES[arch]
     prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
     unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
@@ -145,6 +210,44 @@ def tokenizer(arch: str) -> CLIPTokenizer:
     """The shipped CLIP BPE; SD 2's tokenizer pads with "!" (id 0) instead of the end token."""
     pad = ARCHITECTURES[arch].get("pad_token")
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, **({"pad_token": pad} if pad else {}))
+
+
+def _clip_config(**kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=49407, **kwargs)
+
+
+def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = False,
+                      prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a random-weight SDXL pipeline (StableDiffusionXLPipeline; a ``*-refiner`` architecture:
+    StableDiffusionXLImg2ImgPipeline with text_encoder_2 only and aesthetic-score time ids) to ``out``.
+
+    Both tokenizers are the shipped CLIP BPE; ``tokenizer_2`` pads with "!" (id 0), as SDXL's does.
+    """
+    cfg = SDXL_ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
+    text_encoder = CLIPTextModel(_clip_config(**cfg["text"])) if "text" in cfg else None
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(**cfg["text_2"]))
+    for clip in (text_encoder, text_encoder_2):
+        if clip is not None:
+            _trained_like_final_norm(clip)
+    refiner = text_encoder is None
+    parts = dict(vae=vae.eval(), text_encoder=text_encoder and text_encoder.eval(),
+                 text_encoder_2=text_encoder_2.eval(), unet=unet.eval(),
+                 tokenizer=None if refiner else CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+                 tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
+                 scheduler=EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER, "prediction_type": prediction_type}))
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log.info("wrote a random %s model (inpaint=%s) to %s", arch, inpaint, out)
+    return out
 
 
 def _trained_like_final_norm(text_encoder: CLIPTextModel) -> None:

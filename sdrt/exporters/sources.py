@@ -5,12 +5,13 @@ import logging
 import re
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
 from . import families
@@ -19,6 +20,8 @@ from .random_model import ARCHITECTURES, write_configs
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# model_index.json flags of the SDXL pipelines, with StableDiffusionXLPipeline's defaults
+SDXL_FLAGS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # the architectures whose configs sdrt writes itself for a single file of that family (released shapes first)
 CONFIG_ARCHITECTURES = {"sd1": ("sd15", "tiny"), "sd2": ("sd21", "sd21-base", "tiny-sd2")}
@@ -29,11 +32,19 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportErr
 class Source:
     """The torch components of a Stable Diffusion model, ready for export."""
     name: str                     # the path or hub id it was loaded from
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None      # None: the SDXL refiner, which has only text_encoder_2
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizer | None
     scheduler_config: dict        # the scheduler's config, with its ``_class_name``
+    text_encoder_2: CLIPTextModelWithProjection | None = None    # SDXL: OpenCLIP ViT-bigG with projection
+    tokenizer_2: CLIPTokenizer | None = None
+    pipeline_config: dict = field(default_factory=dict)           # SDXL: ``SDXL_FLAGS`` of model_index.json
+
+    @property
+    def sdxl(self) -> bool:
+        """An SDXL UNet: pooled text embeddings and size/crop time ids added to its timestep embedding."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     @property
     def inpaint(self) -> bool:
@@ -46,8 +57,11 @@ class Source:
     @property
     def detected(self) -> families.Detected:
         """The model family, read from the loaded components' configs."""
-        return families.from_configs(None, self.unet.config, self.text_encoder.config.to_dict(),
-                                     self.scheduler_config)
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        index = {name: ["transformers", type(m).__name__] if m is not None else [None, None]
+                 for name, m in encoders.items()}
+        text = self.text_encoder or self.text_encoder_2
+        return families.from_configs(index, self.unet.config, text.config.to_dict(), self.scheduler_config)
 
 
 def load_source(source: str, config: str | None = None, progress: bool = True) -> Source:
@@ -135,13 +149,22 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
     try:
         # load_config returns the raw scheduler_config.json (with _class_name), whatever the class
         scheduler_config = dict(PNDMScheduler.load_config(where, subfolder="scheduler", **kwargs))
+        index = dict(DiffusionPipeline.load_config(where, **kwargs))
+
+        def part(cls, subfolder):           # None when model_index.json names no such component
+            named = (index.get(subfolder) or [None])[0] is not None
+            return cls.from_pretrained(where, subfolder=subfolder, **kwargs) if named else None
+        xl = "text_encoder_2" in index
         return Source(
             name=name,
-            text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kwargs),
+            text_encoder=part(CLIPTextModel, "text_encoder"),
             unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kwargs),
             vae=AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs),
-            scheduler_config=_clean(scheduler_config))
+            tokenizer=part(CLIPTokenizer, "tokenizer"),
+            scheduler_config=_clean(scheduler_config),
+            text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2") if xl else None,
+            tokenizer_2=part(CLIPTokenizer, "tokenizer_2") if xl else None,
+            pipeline_config={k: index.get(k, v) for k, v in SDXL_FLAGS.items()} if xl else {})
     except LOAD_ERRORS as e:
         raise ExportError(f"{name}: could not load a Stable Diffusion component ({_first_line(e)}); "
                           "check that it is a complete diffusers model") from None
@@ -150,6 +173,10 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
 def _from_single_file(path: Path, config: str | None) -> Source:
     shapes, global_step = families.read_checkpoint(path)
     detected = families.from_checkpoint(shapes, global_step)
+    if detected.family.startswith("sdxl"):
+        raise ExportError(f"{path}: SDXL single-file checkpoints are not supported yet; convert it to a diffusers "
+                          "folder (diffusers' StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR)) "
+                          "and export that folder")
     families.require_supported(detected, str(path))
     with tempfile.TemporaryDirectory(prefix="sdrt-config-") as tmp:
         local = config is None or Path(config).is_dir()
@@ -219,14 +246,21 @@ def _clean(config: dict) -> dict:
 
 
 def _checked(source: Source) -> Source:
-    """Put the models in eval/fp32 and reject architectures that are not SD 1.x/2.x."""
+    """Put the models in eval/fp32 and reject architectures that are not SD 1.x/2.x or SDXL."""
     families.require_supported(source.detected, source.name)
     unet = source.unet.config
-    if unet.get("addition_embed_type") is not None or unet.in_channels not in (4, 9):
+    xl = source.sdxl and source.text_encoder_2 is not None and source.tokenizer_2 is not None
+    if (unet.get("addition_embed_type") is not None and not xl) or unet.in_channels not in (4, 9):
         raise ExportError(f"{source.name}: unsupported UNet (in_channels={unet.in_channels}, "
                           f"addition_embed_type={unet.get('addition_embed_type')}); sdrt exports "
-                          "Stable Diffusion 1.x/2.x models (4-channel or 9-channel inpainting)")
-    for model in (source.text_encoder, source.unet, source.vae):
+                          "Stable Diffusion 1.x/2.x models (4-channel or 9-channel inpainting) and SDXL "
+                          "diffusers folders (with text_encoder_2 and tokenizer_2)")
+    if not xl and (source.text_encoder is None or source.tokenizer is None):
+        raise ExportError(f"{source.name}: the model has no text_encoder or tokenizer; "
+                          "check that it is a complete diffusers model")
+    for model in (source.text_encoder, source.text_encoder_2, source.unet, source.vae):
+        if model is None:
+            continue
         if model.dtype != torch.float32:
             model.to(torch.float32)
         model.eval().requires_grad_(False)

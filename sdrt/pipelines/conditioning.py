@@ -158,18 +158,34 @@ class Conditioning:
     uncond: list[tuple[int, np.ndarray]] | None
     conds: list[tuple[list[tuple[int, np.ndarray]], float]]
     batch_size: int = 1
+    # SDXL: the pooled text embeddings' schedules laid out as (uncond, [cond_1, ...]), and the
+    # (negative, positive) time ids; the UNet gets them besides each block (``added``)
+    pooled: tuple[list | None, list[list]] | None = None
+    time_ids: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, encode: TextEncoder, prompt: str, negative_prompt: str, steps: int, guidance: bool,
-              batch_size: int = 1, first_pass_steps: int | None = None) -> Conditioning:
-        """``first_pass_steps``: this is a hires fix's second pass (prompt editing counts on from the first)."""
-        def scheduled(text):
-            return [(end, encode(t)) for end, t in prompts.schedule(text, steps, first_pass_steps)]
+              batch_size: int = 1, first_pass_steps: int | None = None,
+              time_ids: tuple[np.ndarray, np.ndarray] | None = None) -> Conditioning:
+        """``first_pass_steps``: this is a hires fix's second pass (prompt editing counts on from the first).
+        An encoder with a ``pooled`` method (SDXL) also gives each text's pooled embedding; ``time_ids`` go
+        with them."""
+        def scheduled(text, f=encode):
+            return [(end, f(t)) for end, t in prompts.schedule(text, steps, first_pass_steps)]
         subprompts = prompts.split_and(prompt)
         if len(subprompts) > 1:
             guidance = True                         # composable diffusion weighs against the uncond
-        return cls(scheduled(negative_prompt) if guidance else None,
-                   [(scheduled(text), weight) for text, weight in subprompts], batch_size)
+        uncond = scheduled(negative_prompt) if guidance else None
+        conds = [(scheduled(text), weight) for text, weight in subprompts]
+        pooled = getattr(encode, "pooled", None)
+        if pooled is None:
+            return cls(uncond, conds, batch_size)
+        pooled_uncond = scheduled(negative_prompt, pooled) if guidance else None
+        if guidance and negative_prompt == "" and getattr(encode, "zero_empty_negative", False):
+            uncond = [(end, np.zeros_like(z)) for end, z in uncond]
+            pooled_uncond = [(end, np.zeros_like(p)) for end, p in pooled_uncond]
+        return cls(uncond, conds, batch_size, (pooled_uncond, [scheduled(t, pooled) for t, _ in subprompts]),
+                   time_ids)
 
     @property
     def weights(self) -> list[float]:
@@ -182,12 +198,22 @@ class Conditioning:
 
     def blocks(self, step: int) -> list[np.ndarray]:
         """[uncond, cond_1, ...] in effect at 0-based model evaluation ``step``, each (B, S, D)."""
-        def at(schedule):
-            return schedule[prompts.at_step(schedule, step)][1]
-        conds = stack([at(s) for s, _ in self.conds])
-        blocks = ([at(self.uncond)] if self.uncond is not None else []) + conds
+        conds = stack([_at(s, step) for s, _ in self.conds])
+        blocks = ([_at(self.uncond, step)] if self.uncond is not None else []) + conds
         return [np.repeat(b[None], self.batch_size, axis=0) for b in blocks]
 
+    def added(self, step: int) -> list[dict[str, np.ndarray]]:
+        """SDXL: the UNet's ``text_embeds`` (B, P) and ``time_ids`` (B, T) for each block of ``blocks(step)``."""
+        uncond, conds = self.pooled
+        negative, positive = self.time_ids
+        rows = ([(_at(uncond, step), negative)] if uncond is not None else []) + \
+            [(_at(s, step), positive) for s in conds]
+        return [{"text_embeds": np.repeat(p[None], self.batch_size, axis=0),
+                 "time_ids": np.repeat(t[None], self.batch_size, axis=0)} for p, t in rows]
+
+
+def _at(schedule: list[tuple[int, np.ndarray]], step: int) -> np.ndarray:
+    return schedule[prompts.at_step(schedule, step)][1]
 
 
 @dataclass
@@ -219,3 +245,11 @@ class RowConditioning:
 
     def blocks(self, step: int) -> list[np.ndarray]:
         return [np.concatenate(row_blocks) for row_blocks in zip(*(r.blocks(step) for r in self.rows))]
+
+    @property
+    def pooled(self):
+        return self.rows[0].pooled
+
+    def added(self, step: int) -> list[dict[str, np.ndarray]]:
+        return [{k: np.concatenate([d[k] for d in row_dicts]) for k in row_dicts[0]}
+                for row_dicts in zip(*(r.added(step) for r in self.rows))]

@@ -29,19 +29,23 @@ class ModelDenoiser:
     cond: Callable[[int], list[np.ndarray]]
     prediction_type: str = "epsilon"
     concat: np.ndarray | None = None       # 9-channel inpaint UNet: mask ⊕ masked-image latents (B, 5, h, w)
+    added: Callable[[int], list[dict[str, np.ndarray]]] | None = None   # SDXL: more UNet inputs per block
     step: int = 0
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         blocks = self.cond(self.step)
+        added = self.added(self.step) if self.added is not None else [{}] * len(blocks)
         self.step += 1
         xin = (x / np.sqrt(sigma ** 2 + 1.0)).astype(np.float32)
         if self.concat is not None:
             xin = np.concatenate([xin, self.concat], axis=1)
         t = np.float32(sigma_to_t(sigma, self.log_sigmas))
-        outs = []
+        outs, first = [], 0
         for group in _same_length_runs(blocks):
+            extra, first = added[first:first + len(group)], first + len(group)
             feeds = {"sample": np.concatenate([xin] * len(group)), "timestep": np.full(len(x) * len(group), t),
-                     "encoder_hidden_states": np.concatenate(group)}
+                     "encoder_hidden_states": np.concatenate(group),
+                     **{k: np.concatenate([e[k] for e in extra]) for k in extra[0]}}
             outs.append(self.unet.run(feeds)["out_sample"])
         out = np.concatenate(outs).astype(np.float32)
         xs = np.concatenate([x] * len(blocks))

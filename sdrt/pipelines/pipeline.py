@@ -4,6 +4,7 @@ Everything here is NumPy over ``Runtime`` objects; no backend and no torch is im
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 import weakref
@@ -18,14 +19,16 @@ from ..errors import InvalidRequest
 from ..runtimes.base import Runtime, Timed
 from ..specs import VAE_FACTOR, ComponentSpec
 from ..weights.overrides import WeightOverrides
-from . import images, masking, prompts, resize, samplers, schedules
+from . import images, masking, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guided, masked
-from .embeddings import Embedding, Vocabulary, read_folder
+from .embeddings import SUFFIXES, Embedding, Vocabulary, read_folder
 from .rng import make_generator
 from .tiling import OVERLAP, TILE, tiled
 from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 4294967294          # A1111 draws random seeds below this
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"      # CLIP's table; textual inversion extends it
@@ -45,6 +48,8 @@ class Models:
     vae_encoder: Runtime | None = None
     control: ControlModels | None = None      # the export's ControlNets, loaded on first use
     variants: Variants | None = None          # the ControlNet UNet and the seamless-tiling graphs
+    text_encoder_2: Runtime | None = None     # SDXL's OpenCLIP ViT-bigG (``text_encoder`` is its CLIP ViT-L)
+    tokenizer_2: ClipTokenizer | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,13 @@ class Request:
     tiling: bool = False                  # seamless tiling: an image whose opposite edges join (A1111's Tiling)
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
     preview: Callable[[np.ndarray], None] | None = None   # then: that step's denoised latents (B, C, h, w)
+    # SDXL's size conditioning (diffusers' arguments, (height, width) pairs; None: the image's size) and the
+    # refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def text_options(self) -> TextOptions:
@@ -409,6 +421,10 @@ class StableDiffusion:
         """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
         word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
         is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
+        if self.models.arch.get("family") == "sdxl":        # skipped as A1111 skips another family's
+            skipped = sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            log.warning("textual-inversion embeddings for SDXL are not supported yet; %d skipped", len(skipped))
+            return [], skipped
         weights = self._weights()
         table = weights.original("text_encoder", TOKEN_EMBEDDING)
         loaded, skipped = read_folder(Path(folder), table.shape[1])
@@ -437,7 +453,8 @@ class StableDiffusion:
         except TypeError as e:
             raise InvalidRequest(str(e)) from None
         req.check(self.factor)
-        req.text_options.check(self.models.arch.get("text_layers", 12))
+        arch = self.models.arch
+        req.text_options.check(min(arch.get("text_layers", 12), arch.get("text_layers_2", arch.get("text_layers", 12))))
         if req.seed is None or req.seed == -1:
             req = replace(req, seed=random.randrange(MAX_SEED))
         return req
@@ -470,7 +487,7 @@ class StableDiffusion:
         unet = controlled_unet(m, req, plan, lambda: model.step - 1) if req.control else m.unet
         start = prepare(gens, plan)
         model = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
-                              start.concat)
+                              start.concat, cond.added if cond.pooled is not None else None)
         d = model if cond.plain else guided(model, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
         total = len(plan.sigmas) - 1
@@ -494,13 +511,28 @@ class StableDiffusion:
             raise InvalidRequest("the prompts of one batch name different <lora:...> tags; a batch runs one set "
                                  "of weights, so give every prompt the same tags")
         self._extra_networks(networks[0])
-        encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
         guidance = req.guidance_scale > 1.0
+        if self.models.arch.get("family") == "sdxl":
+            encode = self._sdxl_encoder(req)
+            extra = (sdxl.time_ids(self.models.arch, req.height, req.width, req.original_size,
+                                   req.crops_coords_top_left, req.target_size,
+                                   req.aesthetic_score, req.negative_aesthetic_score),)
+        else:
+            encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
+            extra = ()
         if isinstance(req.prompt, str) and isinstance(req.negative_prompt, str):
             return Conditioning.build(encode, texts[0], req.negative_prompt, req.steps, guidance,
-                                      req.batch_size, first_pass_steps)
-        return RowConditioning([Conditioning.build(encode, text, negative, req.steps, guidance, 1, first_pass_steps)
+                                      req.batch_size, first_pass_steps, *extra)
+        return RowConditioning([Conditioning.build(encode, text, negative, req.steps, guidance, 1, first_pass_steps,
+                                                   *extra)
                                 for text, negative in zip(texts, req.negative_prompts)], req.steps)
+
+    def _sdxl_encoder(self, req: Request) -> sdxl.SDXLTextEncoder:
+        m = self.models
+        pairs = [(m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)]
+        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs
+                 if runtime is not None]
+        return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
         unknown = sorted({n.kind for n in networks} - {"lora"})
@@ -610,7 +642,7 @@ def _draw(gens, shape) -> np.ndarray:
 def _runtimes(models: Models) -> list[tuple[str, Timed]]:
     """Every timed runtime of ``models`` with the component it counts for: the ControlNets as "controlnet",
     a variant graph as the component it stands for."""
-    found = [(k, getattr(models, k)) for k in ("text_encoder", "unet", "vae_encoder", "vae_decoder")]
+    found = [(k, getattr(models, k)) for k in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")]
     if models.control is not None:
         found += [("controlnet", r) for r in models.control.loaded.values()]
     if models.variants is not None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
-from ..specs import SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import ALL_SPECS, VAE_FACTOR, ComponentSpec, half
 from . import builds
 from .base import check_feeds
 
@@ -242,9 +242,10 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         with builds.staging(entry.parent, entry.name) as tmp:
             components = {}
             for name, comp in _bar(manifest.components.items(), "openvino: converting", progress):
-                _convert(ov, folder / comp.file, tmp / f"{name}.xml", SPECS[comp.spec], manifest.architecture,
+                _convert(ov, folder / comp.file, tmp / f"{name}.xml", ALL_SPECS[comp.spec], manifest.architecture,
                          options)
-                components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": settings["precision"]}
+                precision = settings["precision"] if options.precision else comp.precision   # SDXL: fp32 VAE
+                components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": precision}
             record = {"backend": "openvino", "version": ov.__version__, "options": settings, "sources": sources,
                       "components": components}
             if int8:
@@ -257,7 +258,7 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         judge("openvino", record["quality"], options.min_cosine, options.min_psnr)
     computes = {}
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
-        spec = half(SPECS[comp.spec]) if comp.precision == "fp16" else SPECS[comp.spec]
+        spec = half(ALL_SPECS[comp.spec]) if comp.precision == "fp16" else ALL_SPECS[comp.spec]
         computes[name] = OvRuntime(entry / f"{name}.xml", spec, device=options.device).inference_precision
     builds.annotate(entry, "compiled", {"device": options.device, "inference_precision": computes})
     return entry
@@ -275,7 +276,10 @@ def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, op
 
 
 def _precision(manifest: mf.Manifest, requested: str | None) -> str:
-    own = sorted({c.precision for c in manifest.components.values()})
+    # an SDXL --fp16 export keeps its VAE fp32 (force_upcast): the export is fp16 all the same
+    upcast = manifest.architecture.get("family") == "sdxl" and manifest.architecture.get("force_upcast")
+    own = sorted({c.precision for name, c in manifest.components.items()
+                  if not (upcast and name.startswith("vae_"))} or {"fp32"})
     if requested is None or [requested] == own or (requested in ("fp16", "int8") and own == ["fp32"]):
         return requested or own[0]
     raise InvalidRequest(f"--precision {requested}: this export is {'/'.join(own)}; OpenVINO builds keep the "

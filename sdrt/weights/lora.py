@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequest
+from .sgm import sgm_paths
 from .weight_map import Entry
 
 # key suffix -> part of a LoRA module; kohya first, then diffusers' older and PEFT spellings
 PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
          "lora.down.weight": "down", "lora.up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up"}
 # how each component's modules are named in LoRA files: kohya prefix (dots become "_"), PEFT prefix
-PREFIXES = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te_", "text_encoder.")}
+PREFIXES = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te_", "text_encoder."),
+            "text_encoder_2": ("lora_te2_", "text_encoder_2.")}                    # SDXL's OpenCLIP-G
+KOHYA_ALIASES = {"text_encoder": "lora_te1_"}         # kohya's SDXL files name CLIP-L "te1" (SDXL models only)
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 SHOWN = 4                       # keys quoted in an error message
 
@@ -136,8 +139,14 @@ def module_names(maps: dict[str, dict[str, Entry]]) -> dict[str, tuple[str, str]
         kohya, peft = PREFIXES[component]
         for param in entries:
             module = param.removesuffix(".weight")
-            for path in ([module, f"text_model.{module}"] if component == "text_encoder" else [module]):
+            for path in ([module, f"text_model.{module}"] if component.startswith("text_encoder") else [module]):
                 names[kohya + path.replace(".", "_")] = names[peft + path] = (component, param)
+                if component in KOHYA_ALIASES and "text_encoder_2" in maps:        # SDXL models only
+                    names[KOHYA_ALIASES[component] + path.replace(".", "_")] = (component, param)
+    if "text_encoder_2" in maps and "unet" in maps:          # SDXL: kohya's files spell the UNet as SGM does
+        modules = {param.removesuffix(".weight"): param for param in maps["unet"]}
+        for module, path in sgm_paths(list(modules)).items():
+            names.setdefault(PREFIXES["unet"][0] + path.replace(".", "_"), ("unet", modules[module]))
     return names
 
 

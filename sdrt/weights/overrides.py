@@ -16,7 +16,7 @@ from ..runtimes.base import Runtime
 from . import weight_map
 from .lora import Lora, Module, match, read_lora
 
-LORA_COMPONENTS = ("text_encoder", "unet")     # what LoRA files target
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")     # what LoRA files target (text_encoder_2: SDXL)
 GROWABLE = "embeddings.token_embedding.weight"  # the one weight whose first axis may change: new tokens
 # reload(component, initializer values or None for the exported weights) -> the component's new runtime
 Reload = Callable[[str, "dict[str, np.ndarray] | None"], Runtime]

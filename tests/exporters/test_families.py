@@ -54,8 +54,6 @@ def test_unsupported_folders_name_their_family(tmp_path):
                                                      num_attention_heads=2, joint_attention_dim=32,
                                                      pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).config)
     cases = {
-        "sdxl": ("Stable Diffusion XL .* is not supported yet", sdxl_index, dict(unet=("config.json", sdxl_unet))),
-        "sdxl-refiner": ("refiner .* is not supported", refiner_index, dict(unet=("config.json", sdxl_unet))),
         "flux": ("Flux .*FluxTransformer2DModel.* is not supported",
                  {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
                  dict(transformer=("config.json", flux))),
@@ -75,6 +73,8 @@ def test_unsupported_folders_name_their_family(tmp_path):
                 {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
                 dict(unet=("config.json", unet_config(time_cond_proj_dim=16)))),
     }
+    for name, index in (("sdxl", sdxl_index), ("sdxl-refiner", refiner_index)):      # supported: detected only
+        assert families.from_folder(write_folder(tmp_path / name, index, unet=("config.json", sdxl_unet))).family == name
     for name, (message, index, configs) in cases.items():
         folder = write_folder(tmp_path / name, index, **configs)
         if name not in ("alt", "lcm"):
@@ -86,16 +86,14 @@ def test_unsupported_folders_name_their_family(tmp_path):
 
 
 def test_hub_ids_are_detected_from_their_configs_first(tmp_path, monkeypatch):
-    """A hub SDXL is refused after fetching only its small JSON files, before any weight."""
+    """A hub Flux is refused after fetching only its small JSON files, before any weight."""
     import shutil
 
     import huggingface_hub
-    repo = write_folder(tmp_path / "repo", {"_class_name": "StableDiffusionXLPipeline",
-                                            "unet": ["diffusers", "UNet2DConditionModel"],
-                                            "text_encoder": ["transformers", "CLIPTextModel"],
-                                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
-                        unet=("config.json", unet_config(addition_embed_type="text_time", addition_time_embed_dim=8,
-                                                         projection_class_embeddings_input_dim=80)))
+    repo = write_folder(tmp_path / "repo", {"_class_name": "FluxPipeline",
+                                            "transformer": ["diffusers", "FluxTransformer2DModel"],
+                                            "text_encoder": ["transformers", "CLIPTextModel"]},
+                        transformer=("config.json", {"_class_name": "FluxTransformer2DModel"}))
     snapshot, fetched = tmp_path / "snapshots" / "0123abcd", []
 
     def download(repo_id, filename, revision=None, **kwargs):
@@ -105,9 +103,9 @@ def test_hub_ids_are_detected_from_their_configs_first(tmp_path, monkeypatch):
         (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
         return str(shutil.copy(repo / filename, snapshot / filename))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    with pytest.raises(ExportError, match="someone/sdxl-model: Stable Diffusion XL .* not supported yet"):
-        load_source("someone/sdxl-model", progress=False)
-    assert fetched == ["model_index.json", "unet/config.json", "text_encoder/config.json"]   # the last absent
+    with pytest.raises(ExportError, match="someone/flux-model: Flux .* not supported"):
+        load_source("someone/flux-model", progress=False)
+    assert fetched == ["model_index.json", "transformer/config.json", "text_encoder/config.json"]   # the last absent
 
 
 def test_single_files_detected_offline(tiny_model_dir, tiny_sd2_model_dir, tiny_sd2_inpaint_model_dir, tmp_path):
@@ -196,7 +194,7 @@ def test_unsupported_single_files(tmp_path):
         "sdxl": ({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": z(),
                   "conditioner.embedders.1.model.positional_embedding": z(),
                   "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)},
-                 "Stable Diffusion XL .* not supported yet"),
+                 "SDXL single-file checkpoints are not supported yet"),
         "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": z()}, "Flux .* not supported"),
         "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": z()},
                 "Stable Diffusion 3 .* not supported"),
