@@ -20,8 +20,9 @@ from ..errors import ExportError
 from ..manifest import MANIFEST, Component, Manifest, sha256, write
 from ..specs import CLIP_LENGTH, VAE_FACTOR
 from .controlnet import export_control, load_controlnets, residual_layout
-from .onnx import WRAPPERS, circular_padding, export_component
-from .sources import Source, load_source
+from .onnx import circular_padding, export_component, lcm
+from .onnx import components as components_of
+from .sources import Source, load_source, load_tiny_vae
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ExportOptions:
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
     controlnets: tuple[str, ...] = ()   # "[NAME=]MODEL" each: exported to controlnet/NAME.onnx
     tiling: bool = False            # also the seamless-tiling graphs (circular padding): <name>_tiling.onnx
+    tiny_vae: str | None = None     # a tiny autoencoder (TAESD: AutoencoderTiny folder or hub id): *_tiny.onnx
 
 
 def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
@@ -48,12 +50,17 @@ def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
     Args:
         source: a diffusers folder, a Hugging Face Hub id, or a single ``.safetensors``/``.ckpt`` file.
         out: the folder to write; it must not exist or be empty unless ``options.overwrite``.
-        options: opset, precision, parity check, config folder for single files, ControlNets.
+        options: opset, precision, parity check, config folder for single files, ControlNets, tiny VAE.
         progress: show a progress bar over the components.
     """
     out = Path(out)
     _check_out(out, options)
     model = load_source(str(source), options.config, progress)
+    if options.tiny_vae is not None:
+        model.tiny_vae = load_tiny_vae(options.tiny_vae, model, progress)
+    if lcm(model) and options.controlnets:
+        raise ExportError(f"{model.name}: ControlNets with an LCM-distilled UNet (time_cond_proj_dim) are not "
+                          "supported yet; export without --controlnet, or use LCM-LoRA on the base model")
     controlnets = load_controlnets(options.controlnets, model, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"    # same filesystem: rename is atomic
@@ -82,15 +89,15 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
     """Write every component (and ControlNet), the scheduler and the tokenizer into ``folder``; the manifest last."""
     architecture = architecture_facts(model)
     precision = "fp16" if options.fp16 else "fp32"
-    components = {}
-    bar = tqdm(WRAPPERS, desc="export", unit="model", disable=not progress)
-    for name in bar:
+    components, specs = {}, components_of(model)
+    bar = tqdm(specs.items(), desc="export", unit="model", disable=not progress)
+    for name, spec in bar:
         bar.set_postfix_str(name)
         start = time.perf_counter()
-        export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
-                         check_parity=options.check_parity)
+        export_component(model, spec, folder, opset=options.opset, fp16=options.fp16,
+                         check_parity=options.check_parity, stem=name)
         log.info("%s exported in %.1f s", name, time.perf_counter() - start)
-        components[name] = Component(spec=name, file=f"{name}.onnx", precision=precision)
+        components[name] = Component(spec=spec, file=f"{name}.onnx", precision=precision)
     unet_control, nets = None, {}
     if controlnets:
         architecture["control_residuals"] = [list(r) for r in residual_layout(model.unet.config)]
@@ -101,9 +108,9 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
         with circular_padding(model.unet, model.vae):
             for name in TILING:
                 stem = f"{name}_tiling"
-                export_component(model, name, folder, opset=options.opset, fp16=options.fp16,
+                export_component(model, specs[name], folder, opset=options.opset, fp16=options.fp16,
                                  check_parity=options.check_parity, stem=stem)
-                tiling[name] = Component(spec=name, file=f"{stem}.onnx", precision=precision)
+                tiling[name] = Component(spec=specs[name], file=f"{stem}.onnx", precision=precision)
     (folder / "scheduler.json").write_text(json.dumps(model.scheduler_config, indent=2, sort_keys=True))
     save_tokenizer(model, folder / "tokenizer")
     files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -129,7 +136,8 @@ def architecture_facts(model: Source) -> dict:
         sample_size=unet.sample_size, text_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
         model_max_length=min(tok.model_max_length, CLIP_LENGTH),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        inpaint=model.inpaint)
+        inpaint=model.inpaint, time_cond_proj_dim=unet.get("time_cond_proj_dim"),
+        **({"tiny_vae_scaling_factor": model.tiny_vae.config.scaling_factor} if model.tiny_vae is not None else {}))
 
 
 def save_tokenizer(model: Source, folder: Path) -> None:

@@ -55,6 +55,13 @@ class Unet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class UnetLcm(Unet):
+    """An LCM-distilled UNet: also ``timestep_cond``, the embedding of the guidance scale (Luo et al. 2023)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
 class VaeEncoder(nn.Module):
     """Image in [-1, 1] -> the diagonal Gaussian's parameters (mean ⊕ logvar), unscaled."""
 
@@ -79,8 +86,47 @@ class VaeDecoder(nn.Module):
         return self.vae.decoder(z)
 
 
-WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Unet,
-                                        "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
+class VaeEncoderTiny(nn.Module):
+    """The tiny autoencoder's encoder (TAESD): image in [-1, 1] -> latents, already in the UNet's latent space
+    (its scaling factor is 1.0); nothing to sample."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.tiny_vae
+
+    def forward(self, sample):
+        return self.vae.encoder(sample)
+
+
+class VaeDecoderTiny(nn.Module):
+    """The tiny autoencoder's decoder (TAESD): latents (divided by its scaling factor) -> image in [-1, 1]."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.tiny_vae
+
+    def forward(self, latent_sample):
+        return self.vae.decoder(latent_sample)
+
+
+WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Unet, "unet_lcm": UnetLcm,
+                                        "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
+                                        "vae_encoder_tiny": VaeEncoderTiny, "vae_decoder_tiny": VaeDecoderTiny}
+
+
+def components(source: Source) -> dict[str, str]:
+    """The components ``source`` exports, each with the spec it follows: an LCM-distilled UNet is ``unet_lcm``,
+    the tiny autoencoder's graphs come when the source has one."""
+    found = {"text_encoder": "text_encoder", "unet": "unet_lcm" if lcm(source) else "unet",
+             "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
+    if source.tiny_vae is not None:
+        found |= {"vae_encoder_tiny": "vae_encoder_tiny", "vae_decoder_tiny": "vae_decoder_tiny"}
+    return found
+
+
+def lcm(source: Source) -> bool:
+    """Whether the UNet takes a guidance-scale embedding (``time_cond_proj_dim``), as LCM-distilled UNets do."""
+    return source.unet.config.get("time_cond_proj_dim") is not None
 
 
 def dims(source: Source, stage: str) -> dict[str, int]:
@@ -92,7 +138,7 @@ def dims(source: Source, stage: str) -> dict[str, int]:
     unet, text = source.unet.config, source.text_encoder.config
     step = VAE_FACTOR * 2 ** (len(unet.block_out_channels) - 1)
     fixed = dict(D=text.hidden_size, L=text.num_hidden_layers + 1, C=source.vae.config.latent_channels,
-                 CI=unet.in_channels, V=text.vocab_size)
+                 CI=unet.in_channels, V=text.vocab_size, TC=unet.get("time_cond_proj_dim") or 1)
     if stage == "trace":
         return dict(fixed, B=1, H=2 * step + VAE_FACTOR, W=2 * step + VAE_FACTOR, S=CLIP_LENGTH)
     return dict(fixed, B=2, H=3 * step + VAE_FACTOR, W=2 * step, S=CLIP_LENGTH)
@@ -101,12 +147,13 @@ def dims(source: Source, stage: str) -> dict[str, int]:
 def check_dims(source: Source, name: str) -> dict[str, int]:
     """Parity-check sizes; the UNet also sees a two-chunk (154-token) prompt to exercise dynamic S."""
     d = dims(source, "check")
-    return dict(d, S=2 * CLIP_LENGTH) if name == "unet" else d
+    return dict(d, S=2 * CLIP_LENGTH) if name.startswith("unet") else d
 
 
 def export_component(source: Source, name: str, folder: Path, *, opset: int = 17, fp16: bool = False,
                      check_parity: bool = True, stem: str | None = None) -> tuple[list[Path], dict[str, float]]:
-    """Export component ``name`` of ``source`` to ``folder/<stem or name>.onnx`` and check it against torch.
+    """Export the component of spec ``name`` of ``source`` to ``folder/<stem or name>.onnx`` and check it
+    against torch.
 
     Returns the files written (graph, external data when large, weight map) and the max diff of every output.
     """

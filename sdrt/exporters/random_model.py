@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import ExportError
@@ -50,7 +50,8 @@ ARCHITECTURES = {
 
 
 def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
-                       prediction_type: str = "epsilon", seed: int = 0) -> Path:
+                       prediction_type: str = "epsilon", seed: int = 0,
+                       time_cond_proj_dim: int | None = None) -> Path:
     """Write a random-weight StableDiffusionPipeline of architecture ``arch`` to ``out`` (diffusers format).
 
     Args:
@@ -59,12 +60,17 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
         inpaint: 9-channel UNet input (latents ⊕ mask ⊕ masked-image latents).
         prediction_type: "epsilon" or "v_prediction", stored in the scheduler config.
         seed: torch seed of the random initialisation.
+        time_cond_proj_dim: width of the guidance-scale embedding of an LCM-distilled UNet (LCM uses 256).
     """
     if arch not in ARCHITECTURES:
         raise ExportError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     cfg = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4,
+                                time_cond_proj_dim=time_cond_proj_dim, **cfg["unet"])
+    if time_cond_proj_dim is not None:          # at its default init the guidance input barely moves the output
+        with torch.no_grad():
+            unet.time_embedding.cond_proj.weight.mul_(10.0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.18215, **cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                                                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -79,6 +85,20 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
     pipe.save_pretrained(out, safe_serialization=True)
     log.info("wrote a random %s model (inpaint=%s, %s) to %s", arch, inpaint, prediction_type, out)
     return out
+
+
+def build_random_tiny_vae(out: Path, seed: int = 0) -> Path:
+    """Write a small random-weight AutoencoderTiny (TAESD's structure: 8x down/upsampling, 4 latent channels,
+    scaling factor 1.0) to ``out``, for tests of ``sdrt export --tiny-vae``."""
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    with torch.no_grad():                       # fresh weights give latents near 0 and a black image: widen them
+        vae.encoder.layers[-1].weight.mul_(10.0)
+        vae.decoder.layers[-1].weight.mul_(6.0)
+        vae.decoder.layers[-1].bias.fill_(0.5)
+    vae.save_pretrained(Path(out), safe_serialization=True)
+    return Path(out)
 
 
 def _trained_like_final_norm(text_encoder: CLIPTextModel) -> None:

@@ -6,12 +6,14 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import ExportError
+from ..specs import VAE_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Source:
     vae: AutoencoderKL
     tokenizer: CLIPTokenizer
     scheduler_config: dict        # the scheduler's config, with its ``_class_name``
+    tiny_vae: Any = None          # diffusers AutoencoderTiny (TAESD), exported beside the VAE when given
 
     @property
     def inpaint(self) -> bool:
@@ -130,6 +133,34 @@ def _from_single_file(path: Path, config: str | None) -> Source:
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
                   tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
+
+
+def load_tiny_vae(where: str, model: Source, progress: bool = True):
+    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``) from a folder or hub id, in fp32 eval
+    mode, checked against ``model``'s latent space."""
+    from diffusers import AutoencoderTiny
+    path = Path(where).expanduser()
+    if not path.is_dir() and not HUB_ID.match(where):
+        raise ExportError(f"--tiny-vae {where}: no such folder, and not a hub id (owner/name); pass an "
+                          "AutoencoderTiny folder (config.json + weights) or a hub id such as madebyollin/taesd")
+    try:
+        with _library_progress(progress):
+            vae = AutoencoderTiny.from_pretrained(str(path) if path.is_dir() else where,
+                                                  local_files_only=path.is_dir())
+    except LOAD_ERRORS as e:
+        raise ExportError(f"--tiny-vae {where}: could not load a diffusers AutoencoderTiny ({_first_line(e)}); "
+                          "for SD 1.x/2.x use madebyollin/taesd") from None
+    config = vae.config
+    if config.latent_channels != model.vae.config.latent_channels or config.get("shift_factor", 0.0):
+        raise ExportError(f"--tiny-vae {where}: its latent space ({config.latent_channels} channels, shift "
+                          f"{config.get('shift_factor', 0.0)}) is not {model.name}'s "
+                          f"({model.vae.config.latent_channels} channels, no shift); use the TAESD of this "
+                          "model family (madebyollin/taesd for SD 1.x/2.x)")
+    if 2 ** (len(config.encoder_block_out_channels) - 1) != VAE_FACTOR:
+        raise ExportError(f"--tiny-vae {where}: it does not downsample by {VAE_FACTOR} like the model's VAE")
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)
+    return vae.eval().requires_grad_(False)
 
 
 def _first_line(e: Exception) -> str:
