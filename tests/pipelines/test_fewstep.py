@@ -260,3 +260,27 @@ def test_sgm_uniform_refuses_samplers_without_trailing_spacing(pipe):
     for sampler, scheduler in (("DPM++ SDE", "sgm_uniform"), ("Euler Karras", "SGM Uniform")):
         with pytest.raises(InvalidRequest, match="SGM Uniform"):
             pipe.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, sampler=sampler, scheduler=scheduler)
+
+
+# -- the A1111 API: "VAE type for decode" = TAESD, schedule type SGM Uniform ------------------------------
+
+def test_server_taesd_and_sgm_uniform_equal_the_python_api(pipe, taesd_export):
+    webuiapi = pytest.importorskip("webuiapi")
+    pytest.importorskip("uvicorn")
+    from sdrt.server import ServerOptions, create_app
+
+    from ..server.test_server import running
+    options = ServerOptions(folders=(taesd_export,), runtime="onnxruntime")
+    with running(create_app(options, lambda folder: sdrt.load(folder, runtime="onnxruntime", progress=False))) as port:
+        api = webuiapi.WebUIApi(port=port)
+        r = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=21, width=SIZE, height=SIZE, steps=2,
+                        cfg_scale=0.0, sampler_name="Euler a", scheduler="SGM Uniform",
+                        override_settings={"sd_vae_decode_method": "TAESD"})
+        with pytest.raises(RuntimeError, match="SGM Uniform"):
+            api.txt2img(prompt=PROMPT, width=SIZE, height=SIZE, steps=2, sampler_name="DPM++ SDE",
+                        scheduler="SGM Uniform")
+    ref = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, seed=21, width=SIZE, height=SIZE, steps=2,
+                       guidance_scale=0.0, sampler="Euler a", scheduler="sgm_uniform", vae="tiny")
+    assert np.array_equal(pixels([im.convert("RGB") for im in r.images]), pixels(ref.images))
+    assert r.info["infotexts"] == ref.infotexts
+    assert "VAE Decoder: TAESD" in ref.infotexts[0] and "Schedule type: SGM Uniform" in ref.infotexts[0]
