@@ -97,7 +97,8 @@ def component_feeds(models, spec: dict) -> dict[str, dict[str, np.ndarray]]:
     guided = spec["guidance"] > 1.0 and not arch.get("time_cond_proj_dim")     # an LCM UNet: no CFG batch
     dims = dict(B=(2 if guided else 1) * spec["batch"], H=spec["height"], W=spec["width"],
                 C=arch["latent_channels"], CI=arch.get("unet_in_channels", arch["latent_channels"]),
-                D=arch["cross_attention_dim"], S=arch.get("model_max_length", 77), TC=arch.get("time_cond_proj_dim") or 1)
+                D=arch["cross_attention_dim"], S=arch.get("model_max_length", 77),
+                TC=arch.get("time_cond_proj_dim") or 1)
     feeds = {"text_encoder": {"input_ids": models.tokenizer([spec["prompt"]])},
              "unet": models.unet.spec.sample(rng, **dims),
              "vae_decoder": models.vae_decoder.spec.sample(rng, **{**dims, "B": 1})}

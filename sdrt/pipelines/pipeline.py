@@ -514,7 +514,8 @@ class StableDiffusion:
         the tiny autoencoder's decoder: A1111's "TAESD" live preview. InvalidRequest without one."""
         decoder = self._tiny("vae_decoder_tiny")
         z = np.asarray(latents, dtype=np.float32) / np.float32(self.models.arch["tiny_vae_scaling_factor"])
-        return [pic for i in range(len(z)) for pic in images.to_pil(decoder.run({"latent_sample": z[i:i + 1]})["sample"])]
+        return [pic for i in range(len(z))
+                for pic in images.to_pil(decoder.run({"latent_sample": z[i:i + 1]})["sample"])]
 
     def _result(self, req: Request, task: str, plan, pics, timings, extra: dict | None = None) -> Result:
         seeds = [req.seed + i for i in range(len(pics))]
