@@ -141,13 +141,13 @@ def test_dynamic_batch_and_size(tiny_export):
 def test_fp16_export_runs_in_onnxruntime(tiny_model_dir, tiny_export, tmp_path):
     manifest = export(str(tiny_model_dir), tmp_path / "fp16", ExportOptions(fp16=True), progress=False)
     assert {c.precision for c in manifest.components.values()} == {"fp16"}
-    for name in SPECS:
+    for name, component in manifest.components.items():
+        spec = half(SPECS[component.spec])
         fp16, fp32 = tmp_path / "fp16" / f"{name}.onnx", tiny_export / f"{name}.onnx"
         assert weight_bytes(fp16) < 0.55 * weight_bytes(fp32)
         inputs = {i.name: i.type for i in session(fp16).get_inputs()}
-        assert inputs == {t.name: f"tensor({'float' if t.dtype == 'float32' else t.dtype})"
-                          for t in half(SPECS[name]).inputs}
-        assert all(t.dtype == "float16" for t in half(SPECS[name]).inputs if t.name not in ("input_ids", "timestep"))
+        assert inputs == {t.name: f"tensor({'float' if t.dtype == 'float32' else t.dtype})" for t in spec.inputs}
+        assert all(t.dtype == "float16" for t in spec.inputs if t.name not in ("input_ids", "timestep"))
     dims = dict(B=2, H=48, W=32, C=4)
     feeds = half(VAE_DECODER).sample(np.random.default_rng(2), **dims)
     ours = run(tmp_path / "fp16", "vae_decoder", feeds)["sample"]
