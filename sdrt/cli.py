@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         "NAME defaults to MODEL's last path component)")
     e.add_argument("--tiling", action="store_true",
                    help="also export circular-padded UNet and VAE graphs for seamless tiling (generate --tiling)")
+    e.add_argument("--tiny-vae", metavar="PATH",
+                   help="also export this tiny autoencoder (TAESD; an AutoencoderTiny folder or hub id such as "
+                        "madebyollin/taesd) for fast decoding (generate --vae tiny) and live previews")
     e.set_defaults(run=_export)
 
     b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, TensorRT engines, ONNX Runtime "
@@ -92,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
     g.add_argument("--sampler", default="Euler a", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
-    g.add_argument("--scheduler", help="A1111 schedule type, e.g. karras (default: the sampler's own)")
+    g.add_argument("--scheduler", help="A1111 schedule type: karras, sgm_uniform (trailing timesteps, for "
+                                       "SD-Turbo) (default: the sampler's own)")
     g.add_argument("--seed", type=int, default=-1, help="-1 draws a random seed; image i uses seed+i")
     g.add_argument("--rng", default="cpu", choices=["cpu", "nv", "numpy"],
                    help="noise source: cpu = torch CPU generator, nv = torch CUDA (A1111 'NV')")
@@ -102,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how (word:1.2) weights apply (A1111's option)")
     g.add_argument("--tiled-vae", action="store_true", help="VAE in overlapping tiles: bounded memory at large sizes")
     g.add_argument("--tiling", action="store_true", help="seamless tiling: opposite edges join (export with --tiling)")
+    g.add_argument("--vae", default="full", choices=["full", "tiny"],
+                   help="tiny: decode (and encode) with the tiny autoencoder (export with --tiny-vae)")
     h = g.add_argument_group("hires fix (txt2img: generate, upscale, img2img at the larger size)")
     h.add_argument("--hires-scale", type=float, help="enable it, with this upscale factor (e.g. 2)")
     h.add_argument("--hires-upscaler", default="Latent", help='A1111 name: "Latent", "Latent (nearest)", '
@@ -199,7 +205,7 @@ def _export(args) -> int:
     from .exporters import ExportOptions, export
     options = ExportOptions(opset=args.opset, fp16=args.fp16, check_parity=not args.no_parity,
                             overwrite=args.overwrite, config=args.config, controlnets=tuple(args.controlnet),
-                            tiling=args.tiling)
+                            tiling=args.tiling, tiny_vae=args.tiny_vae)
     manifest = export(args.model, args.out, options)
     nets = f"; ControlNets: {', '.join(manifest.controlnets)}" if manifest.controlnets else ""
     print(f"exported {args.model} -> {args.out} ({', '.join(manifest.components)}{nets})")
@@ -252,7 +258,7 @@ def _generate(args) -> int:
     kw = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
               sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, batch_size=args.batch_size,
               rng=args.rng, clip_skip=args.clip_skip, emphasis=args.emphasis, tiled_vae=args.tiled_vae,
-              tiling=args.tiling)
+              tiling=args.tiling, vae=args.vae)
     kw |= {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
     if args.latents:
         kw["latents"] = np.load(args.latents)

@@ -3,7 +3,8 @@
 Exporters and runtimes both read these; variants are made with ``dataclasses.replace``.
 Shapes use symbols resolved at run time: ``B`` batch, ``H``/``W`` image size in pixels (``H/8`` is the
 latent size), ``S`` token length (77 per prompt chunk), ``D`` text hidden size, ``L`` hidden-state count,
-``C`` latent channels, ``CI`` UNet input channels. numpy only.
+``C`` latent channels, ``CI`` UNet input channels, ``TC`` the guidance-embedding width of an LCM-distilled
+UNet (``time_cond_proj_dim``). numpy only.
 """
 from __future__ import annotations
 
@@ -108,7 +109,20 @@ VAE_DECODER = ComponentSpec(
     atol=2e-3,
 )
 
-SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
+# an LCM-distilled UNet (``time_cond_proj_dim``): guidance enters as an embedding of the scale, not as CFG
+UNET_LCM = replace(UNET, name="unet_lcm", inputs=UNET.inputs + (TensorSpec("timestep_cond", ("B", "TC")),))
+
+# the tiny autoencoder (TAESD, diffusers' AutoencoderTiny): deterministic latents, no distribution to sample
+VAE_ENCODER_TINY = ComponentSpec(
+    "vae_encoder_tiny",
+    inputs=(TensorSpec("sample", ("B", 3, "H", "W")),),
+    outputs=(TensorSpec("latent_sample", ("B", "C", "H/8", "W/8")),),
+    atol=2e-3,
+)
+VAE_DECODER_TINY = replace(VAE_DECODER, name="vae_decoder_tiny")
+
+SPECS = {s.name: s for s in (TEXT_ENCODER, UNET, UNET_LCM, VAE_ENCODER, VAE_DECODER, VAE_ENCODER_TINY,
+                             VAE_DECODER_TINY)}
 
 # SDXL (Optimum's and the TensorRT demo's names). Its text encoders' hidden states are the raw layer outputs
 # (no final LayerNorm: SDXL conditions on the penultimate one as it is); ``D2``/``L2`` are OpenCLIP-G's width

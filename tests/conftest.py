@@ -87,6 +87,20 @@ def tiny_sd2_inpaint_export(tmp_path_factory, tiny_sd2_inpaint_model_dir) -> Pat
 
 
 @pytest.fixture(scope="session")
+def tiny_lcm_model_dir(tmp_path_factory) -> Path:
+    """An LCM-distilled-like UNet: it takes the guidance-scale embedding (time_cond_proj_dim)."""
+    return _build(tmp_path_factory, "tiny_lcm", seed=3, time_cond_proj_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_taesd_dir(tmp_path_factory) -> Path:
+    """A random AutoencoderTiny of TAESD's structure (what ``--tiny-vae madebyollin/taesd`` loads)."""
+    pytest.importorskip("diffusers")
+    from sdrt.exporters.random_model import build_random_tiny_vae
+    return build_random_tiny_vae(tmp_path_factory.mktemp("taesd") / "taesd", seed=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_model_dir) -> Path:
     return _export(tmp_path_factory, tiny_model_dir, "tiny_export")
 

@@ -93,10 +93,12 @@ def component_feeds(models, spec: dict) -> dict[str, dict[str, np.ndarray]]:
     """Inputs of the shapes the pipeline feeds for one request: the text encoder one 77-token chunk, the
     UNet at batch 2 with guidance ([uncond; cond]), the VAE one image at a time."""
     rng = np.random.default_rng(0)
-    arch, guided = models.arch, spec["guidance"] > 1.0
+    arch = models.arch
+    guided = spec["guidance"] > 1.0 and not arch.get("time_cond_proj_dim")     # an LCM UNet: no CFG batch
     dims = dict(B=(2 if guided else 1) * spec["batch"], H=spec["height"], W=spec["width"],
                 C=arch["latent_channels"], CI=arch.get("unet_in_channels", arch["latent_channels"]),
-                D=arch["cross_attention_dim"], S=arch.get("model_max_length", 77))
+                D=arch["cross_attention_dim"], S=arch.get("model_max_length", 77),
+                TC=arch.get("time_cond_proj_dim") or 1)
     feeds = {"text_encoder": {"input_ids": models.tokenizer([spec["prompt"]])},
              "unet": models.unet.spec.sample(rng, **dims),
              "vae_decoder": models.vae_decoder.spec.sample(rng, **{**dims, "B": 1})}

@@ -20,8 +20,8 @@ from ..errors import ExportError
 from ..manifest import MANIFEST, Component, Manifest, sha256, write
 from ..specs import CLIP_LENGTH, VAE_FACTOR
 from .controlnet import export_control, load_controlnets, residual_layout
-from .onnx import circular_padding, component_spec, components, export_component, time_id_count
-from .sources import Source, load_source
+from .onnx import circular_padding, component_spec, components, export_component, lcm, time_id_count
+from .sources import Source, load_source, load_tiny_vae
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class ExportOptions:
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
     controlnets: tuple[str, ...] = ()   # "[NAME=]MODEL" each: exported to controlnet/NAME.onnx
     tiling: bool = False            # also the seamless-tiling graphs (circular padding): <name>_tiling.onnx
+    tiny_vae: str | None = None     # a tiny autoencoder (TAESD: AutoencoderTiny folder or hub id): *_tiny.onnx
 
 
 def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
@@ -48,12 +49,17 @@ def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
     Args:
         source: a diffusers folder, a Hugging Face Hub id, or a single ``.safetensors``/``.ckpt`` file.
         out: the folder to write; it must not exist or be empty unless ``options.overwrite``.
-        options: opset, precision, parity check, config folder for single files, ControlNets.
+        options: opset, precision, parity check, config folder for single files, ControlNets, tiny VAE.
         progress: show a progress bar over the components.
     """
     out = Path(out)
     _check_out(out, options)
     model = load_source(str(source), options.config, progress)
+    if options.tiny_vae is not None:
+        model.tiny_vae = load_tiny_vae(options.tiny_vae, model, progress)
+    if lcm(model) and options.controlnets:
+        raise ExportError(f"{model.name}: ControlNets with an LCM-distilled UNet (time_cond_proj_dim) are not "
+                          "supported yet; export without --controlnet, or use LCM-LoRA on the base model")
     controlnets = load_controlnets(options.controlnets, model, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"    # same filesystem: rename is atomic
@@ -143,7 +149,8 @@ def architecture_facts(model: Source) -> dict:
         sample_size=unet.sample_size, text_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
         model_max_length=min(tok.model_max_length, CLIP_LENGTH),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        inpaint=model.inpaint)
+        inpaint=model.inpaint, time_cond_proj_dim=unet.get("time_cond_proj_dim"),
+        **({"tiny_vae_scaling_factor": model.tiny_vae.config.scaling_factor} if model.tiny_vae is not None else {}))
 
 
 def sdxl_facts(model: Source) -> dict:

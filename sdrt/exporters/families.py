@@ -58,9 +58,6 @@ def require_supported(detected: Detected, name: str) -> None:
         what = NAMES.get(family, family)
         raise ExportError(f"{name}: {what} ({detected.detail}) is not supported; "
                           "sdrt exports Stable Diffusion 1.x, 2.x and XL models")
-    if detected.guidance_embedding:
-        raise ExportError(f"{name}: a UNet conditioned on the guidance scale (time_cond_proj_dim, as in "
-                          "LCM-distilled models) is not supported yet; export the base model and use an LCM LoRA")
 
 
 # -- diffusers folders -------------------------------------------------------------------------------------

@@ -56,6 +56,13 @@ class Unet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class UnetLcm(Unet):
+    """An LCM-distilled UNet: also ``timestep_cond``, the embedding of the guidance scale (Luo et al. 2023)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
 class VaeEncoder(nn.Module):
     """Image in [-1, 1] -> the diagonal Gaussian's parameters (mean ⊕ logvar), unscaled."""
 
@@ -80,8 +87,37 @@ class VaeDecoder(nn.Module):
         return self.vae.decoder(z)
 
 
-WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Unet,
-                                        "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder}
+class VaeEncoderTiny(nn.Module):
+    """The tiny autoencoder's encoder (TAESD): image in [-1, 1] -> latents, already in the UNet's latent space
+    (its scaling factor is 1.0); nothing to sample."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.tiny_vae
+
+    def forward(self, sample):
+        return self.vae.encoder(sample)
+
+
+class VaeDecoderTiny(nn.Module):
+    """The tiny autoencoder's decoder (TAESD): latents (divided by its scaling factor) -> image in [-1, 1]."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.vae = source.tiny_vae
+
+    def forward(self, latent_sample):
+        return self.vae.decoder(latent_sample)
+
+
+WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoder, "unet": Unet, "unet_lcm": UnetLcm,
+                                        "vae_encoder": VaeEncoder, "vae_decoder": VaeDecoder,
+                                        "vae_encoder_tiny": VaeEncoderTiny, "vae_decoder_tiny": VaeDecoderTiny}
+
+
+def lcm(source: Source) -> bool:
+    """Whether the UNet takes a guidance-scale embedding (``time_cond_proj_dim``), as LCM-distilled UNets do."""
+    return source.unet.config.get("time_cond_proj_dim") is not None
 
 
 class TextEncoderSDXL(nn.Module):
@@ -128,14 +164,27 @@ SDXL_WRAPPERS: dict[str, type[nn.Module]] = {"text_encoder": TextEncoderSDXL, "t
 
 
 def components(source: Source) -> list[str]:
-    """The components ``source`` exports, in order (the SDXL refiner has no ``text_encoder``)."""
-    if not source.sdxl:
-        return list(WRAPPERS)
-    return [name for name in SDXL_WRAPPERS if name != "text_encoder" or source.text_encoder is not None]
+    """The components ``source`` exports, in order (the SDXL refiner has no ``text_encoder``; the tiny
+    autoencoder's graphs come when the source has one)."""
+    if source.sdxl:
+        names = [name for name in SDXL_WRAPPERS if name != "text_encoder" or source.text_encoder is not None]
+    else:
+        names = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
+    return names + (["vae_encoder_tiny", "vae_decoder_tiny"] if source.tiny_vae is not None else [])
 
 
 def component_spec(source: Source, name: str) -> ComponentSpec:
-    return (SDXL_SPECS if source.sdxl else SPECS)[name]
+    """The spec component ``name`` of ``source`` follows: SDXL's own, ``unet_lcm`` for an LCM-distilled UNet."""
+    if source.sdxl and name in SDXL_SPECS:
+        return SDXL_SPECS[name]
+    return SPECS["unet_lcm" if name == "unet" and lcm(source) else name]
+
+
+def wrapper(source: Source, name: str) -> type[nn.Module]:
+    """The torch module exported as component ``name``."""
+    if source.sdxl and name in SDXL_WRAPPERS:
+        return SDXL_WRAPPERS[name]
+    return WRAPPERS[component_spec(source, name).name]
 
 
 def dims(source: Source, stage: str) -> dict[str, int]:
@@ -148,7 +197,7 @@ def dims(source: Source, stage: str) -> dict[str, int]:
     text = (source.text_encoder or source.text_encoder_2).config
     step = VAE_FACTOR * 2 ** (len(unet.block_out_channels) - 1)
     fixed = dict(D=text.hidden_size, L=text.num_hidden_layers + 1, C=source.vae.config.latent_channels,
-                 CI=unet.in_channels, V=text.vocab_size)
+                 CI=unet.in_channels, V=text.vocab_size, TC=unet.get("time_cond_proj_dim") or 1)
     if source.sdxl:
         text_2 = source.text_encoder_2.config
         fixed |= dict(D=unet.cross_attention_dim, D2=text_2.hidden_size, L2=text_2.num_hidden_layers + 1,
@@ -173,17 +222,18 @@ def time_id_count(source: Source) -> int:
 def check_dims(source: Source, name: str) -> dict[str, int]:
     """Parity-check sizes; the UNet also sees a two-chunk (154-token) prompt to exercise dynamic S."""
     d = dims(source, "check")
-    return dict(d, S=2 * CLIP_LENGTH) if name == "unet" else d
+    return dict(d, S=2 * CLIP_LENGTH) if name.startswith("unet") else d
 
 
 def export_component(source: Source, name: str, folder: Path, *, opset: int = 17, fp16: bool = False,
                      check_parity: bool = True, stem: str | None = None) -> tuple[list[Path], dict[str, float]]:
-    """Export component ``name`` of ``source`` to ``folder/<stem or name>.onnx`` and check it against torch.
+    """Export the component of spec ``name`` of ``source`` to ``folder/<stem or name>.onnx`` and check it
+    against torch.
 
     Returns the files written (graph, external data when large, weight map) and the max diff of every output.
     """
     spec = component_spec(source, name)
-    module = (SDXL_WRAPPERS if source.sdxl else WRAPPERS)[name](source).eval()
+    module = wrapper(source, name)(source).eval()
     path = folder / f"{stem or name}.onnx"
     rng = np.random.default_rng(0)
     files = export_onnx(module, spec, path, spec.sample(rng, **dims(source, "trace")), opset, fp16)

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
@@ -145,7 +146,8 @@ SDXL_ARCHITECTURES = {
 
 
 def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
-                       prediction_type: str | None = None, seed: int = 0) -> Path:
+                       prediction_type: str | None = None, seed: int = 0,
+                       time_cond_proj_dim: int | None = None) -> Path:
     """Write a random-weight StableDiffusionPipeline of architecture ``arch`` to ``out`` (diffusers format).
 
     Args:
@@ -156,12 +158,13 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
         prediction_type: "epsilon" or "v_prediction", stored in the scheduler config (default: the
             architecture's own, v-prediction for "sd21", else epsilon).
         seed: torch seed of the random initialisation.
+        time_cond_proj_dim: width of the guidance-scale embedding of an LCM-distilled UNet (LCM uses 256).
     """
     if arch in SDXL_ARCHITECTURES:
         return build_random_sdxl(out, arch, inpaint=inpaint, prediction_type=prediction_type or "epsilon",
                                  seed=seed)
     torch.manual_seed(seed)
-    pipe = _pipeline(arch, inpaint, prediction_type)
+    pipe = _pipeline(arch, inpaint, prediction_type, time_cond_proj_dim)
     _trained_like_final_norm(pipe.text_encoder)
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -184,13 +187,18 @@ def write_configs(out: Path, arch: str, *, inpaint: bool = False, prediction_typ
     return out
 
 
-def _pipeline(arch: str, inpaint: bool, prediction_type: str | None) -> StableDiffusionPipeline:
+def _pipeline(arch: str, inpaint: bool, prediction_type: str | None,
+              time_cond_proj_dim: int | None = None) -> StableDiffusionPipeline:
     if arch not in ARCHITECTURES:
         raise ExportError(f"unknown architecture {arch!r}; choose one of "
                           f"{sorted(ARCHITECTURES) + sorted(SDXL_ARCHITECTURES)}")
     cfg = ARCHITECTURES[arch]
     prediction_type = prediction_type or cfg.get("prediction_type", "epsilon")
-    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4,
+                                time_cond_proj_dim=time_cond_proj_dim, **cfg["unet"])
+    if time_cond_proj_dim is not None:          # at its default init the guidance input barely moves the output
+        with torch.no_grad():
+            unet.time_embedding.cond_proj.weight.mul_(10.0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.18215, **cfg["vae"])
     return StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=CLIPTextModel(text_config(arch)).eval(), unet=unet.eval(),
@@ -248,6 +256,20 @@ def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = Fal
     pipe.save_pretrained(out, safe_serialization=True)
     log.info("wrote a random %s model (inpaint=%s) to %s", arch, inpaint, out)
     return out
+
+
+def build_random_tiny_vae(out: Path, seed: int = 0) -> Path:
+    """Write a small random-weight AutoencoderTiny (TAESD's structure: 8x down/upsampling, 4 latent channels,
+    scaling factor 1.0) to ``out``, for tests of ``sdrt export --tiny-vae``."""
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    with torch.no_grad():                       # fresh weights give latents near 0 and a black image: widen them
+        vae.encoder.layers[-1].weight.mul_(10.0)
+        vae.decoder.layers[-1].weight.mul_(6.0)
+        vae.decoder.layers[-1].bias.fill_(0.5)
+    vae.save_pretrained(Path(out), safe_serialization=True)
+    return Path(out)
 
 
 def _trained_like_final_norm(text_encoder: CLIPTextModel) -> None:

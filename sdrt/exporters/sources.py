@@ -7,6 +7,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline,
@@ -14,6 +15,7 @@ from diffusers import (AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDi
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
+from ..specs import VAE_FACTOR
 from . import families
 from .random_model import ARCHITECTURES, write_configs
 
@@ -40,6 +42,7 @@ class Source:
     text_encoder_2: CLIPTextModelWithProjection | None = None    # SDXL: OpenCLIP ViT-bigG with projection
     tokenizer_2: CLIPTokenizer | None = None
     pipeline_config: dict = field(default_factory=dict)           # SDXL: ``SDXL_FLAGS`` of model_index.json
+    tiny_vae: Any = None          # diffusers AutoencoderTiny (TAESD), exported beside the VAE when given
 
     @property
     def sdxl(self) -> bool:
@@ -232,6 +235,34 @@ def _architecture(path: Path, detected: families.Detected, shapes: dict) -> str:
 
 def _signature(arch: dict) -> tuple[int, int, int]:
     return arch["unet"]["block_out_channels"][0], arch["unet"]["cross_attention_dim"], arch["text"]["hidden_size"]
+
+
+def load_tiny_vae(where: str, model: Source, progress: bool = True):
+    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``) from a folder or hub id, in fp32 eval
+    mode, checked against ``model``'s latent space."""
+    from diffusers import AutoencoderTiny
+    path = Path(where).expanduser()
+    if not path.is_dir() and not HUB_ID.match(where):
+        raise ExportError(f"--tiny-vae {where}: no such folder, and not a hub id (owner/name); pass an "
+                          "AutoencoderTiny folder (config.json + weights) or a hub id such as madebyollin/taesd")
+    try:
+        with _library_progress(progress):
+            vae = AutoencoderTiny.from_pretrained(str(path) if path.is_dir() else where,
+                                                  local_files_only=path.is_dir())
+    except LOAD_ERRORS as e:
+        raise ExportError(f"--tiny-vae {where}: could not load a diffusers AutoencoderTiny ({_first_line(e)}); "
+                          "for SD 1.x/2.x use madebyollin/taesd") from None
+    config = vae.config
+    if config.latent_channels != model.vae.config.latent_channels or config.get("shift_factor", 0.0):
+        raise ExportError(f"--tiny-vae {where}: its latent space ({config.latent_channels} channels, shift "
+                          f"{config.get('shift_factor', 0.0)}) is not {model.name}'s "
+                          f"({model.vae.config.latent_channels} channels, no shift); use the TAESD of this "
+                          "model family (madebyollin/taesd for SD 1.x/2.x)")
+    if 2 ** (len(config.encoder_block_out_channels) - 1) != VAE_FACTOR:
+        raise ExportError(f"--tiny-vae {where}: it does not downsample by {VAE_FACTOR} like the model's VAE")
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)
+    return vae.eval().requires_grad_(False)
 
 
 def _first_line(e: Exception) -> str:

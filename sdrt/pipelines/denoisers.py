@@ -30,6 +30,7 @@ class ModelDenoiser:
     prediction_type: str = "epsilon"
     concat: np.ndarray | None = None       # 9-channel inpaint UNet: mask ⊕ masked-image latents (B, 5, h, w)
     added: Callable[[int], list[dict[str, np.ndarray]]] | None = None   # SDXL: more UNet inputs per block
+    timestep_cond: np.ndarray | None = None    # LCM-distilled UNet: the guidance-scale embedding (B, TC)
     step: int = 0
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
@@ -46,12 +47,25 @@ class ModelDenoiser:
             feeds = {"sample": np.concatenate([xin] * len(group)), "timestep": np.full(len(x) * len(group), t),
                      "encoder_hidden_states": np.concatenate(group),
                      **{k: np.concatenate([e[k] for e in extra]) for k in extra[0]}}
+            if self.timestep_cond is not None:
+                feeds["timestep_cond"] = np.concatenate([self.timestep_cond] * len(group))
             outs.append(self.unet.run(feeds)["out_sample"])
         out = np.concatenate(outs).astype(np.float32)
         xs = np.concatenate([x] * len(blocks))
         if self.prediction_type == "v_prediction":
             return xs / (sigma ** 2 + 1.0) - out * (sigma / np.sqrt(sigma ** 2 + 1.0))
         return xs - sigma * out
+
+
+def guidance_embedding(w: float, dim: int, batch: int) -> np.ndarray:
+    """(batch, dim) sinusoidal embedding of 1000 * w, the guidance input of LCM-distilled UNets (Luo et al. 2023;
+    diffusers' ``get_guidance_scale_embedding``, computed in float32 as there)."""
+    half = dim // 2
+    exponents = np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / np.float32(half - 1))
+    freqs = np.exp(exponents.astype(np.float64)).astype(np.float32)     # rounded once, as torch's float32 exp
+    emb = np.float32(w) * np.float32(1000.0) * freqs
+    emb = np.concatenate([np.sin(emb), np.cos(emb), np.zeros(dim % 2, np.float32)]).astype(np.float32)
+    return np.repeat(emb[None], batch, axis=0)
 
 
 def _same_length_runs(blocks: list[np.ndarray]) -> list[list[np.ndarray]]:

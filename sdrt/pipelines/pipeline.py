@@ -22,7 +22,7 @@ from ..weights.overrides import WeightOverrides
 from . import images, masking, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
-from .denoisers import Denoise, ModelDenoiser, guided, masked
+from .denoisers import Denoise, ModelDenoiser, guidance_embedding, guided, masked
 from .embeddings import SUFFIXES, Embedding, Vocabulary, read_folder
 from .rng import make_generator
 from .tiling import OVERLAP, TILE, tiled
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_SEED = 4294967294          # A1111 draws random seeds below this
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"      # CLIP's table; textual inversion extends it
 TILING = "_tiling"                         # a component's seamless-tiling graph: unet -> unet_tiling
+VAES = ("full", "tiny")                    # Request.vae: the export's VAE, or its tiny autoencoder (TAESD)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Models:
     unet: Runtime
     vae_decoder: Runtime
     vae_encoder: Runtime | None = None
+    vae_decoder_tiny: Runtime | None = None   # the tiny autoencoder (TAESD), exported with --tiny-vae
+    vae_encoder_tiny: Runtime | None = None
     control: ControlModels | None = None      # the export's ControlNets, loaded on first use
     variants: Variants | None = None          # the ControlNet UNet and the seamless-tiling graphs
     text_encoder_2: Runtime | None = None     # SDXL's OpenCLIP ViT-bigG (``text_encoder`` is its CLIP ViT-L)
@@ -131,6 +134,7 @@ class Request:
     control: list[Control] = ()           # ControlNet units (sdrt.Control)
     tiled_vae: bool = False               # VAE in overlapping tiles: bounded memory for large images
     tiling: bool = False                  # seamless tiling: an image whose opposite edges join (A1111's Tiling)
+    vae: str = "full"                     # "tiny": the tiny autoencoder (TAESD) decodes and encodes
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
     preview: Callable[[np.ndarray], None] | None = None   # then: that step's denoised latents (B, C, h, w)
     # SDXL's size conditioning (diffusers' arguments, (height, width) pairs; None: the image's size) and the
@@ -175,6 +179,8 @@ class Request:
             raise InvalidRequest(f"strength (denoising strength) must be in [0, 1], not {self.strength}")
         if self.batch_size < 1:
             raise InvalidRequest(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.vae not in VAES:
+            raise InvalidRequest(f"vae must be one of {', '.join(VAES)}, not {self.vae!r}")
 
 
 @dataclass(frozen=True)
@@ -487,7 +493,8 @@ class StableDiffusion:
         unet = controlled_unet(m, req, plan, lambda: model.step - 1) if req.control else m.unet
         start = prepare(gens, plan)
         model = ModelDenoiser(unet, self.log_sigmas, cond.blocks, m.arch.get("prediction_type", "epsilon"),
-                              start.concat, cond.added if cond.pooled is not None else None)
+                              start.concat, cond.added if cond.pooled is not None else None,
+                              self._timestep_cond(req))
         d = model if cond.plain else guided(model, req.guidance_scale, cond.weights)
         d = start.wrap(d) if start.wrap else d
         total = len(plan.sigmas) - 1
@@ -511,7 +518,8 @@ class StableDiffusion:
             raise InvalidRequest("the prompts of one batch name different <lora:...> tags; a batch runs one set "
                                  "of weights, so give every prompt the same tags")
         self._extra_networks(networks[0])
-        guidance = req.guidance_scale > 1.0
+        # an LCM-distilled UNet gets no classifier-free guidance (its guidance goes in through timestep_cond)
+        guidance = req.guidance_scale > 1.0 and not self.models.arch.get("time_cond_proj_dim")
         if self.models.arch.get("family") == "sdxl":
             encode = self._sdxl_encoder(req)
             extra = (sdxl.time_ids(self.models.arch, req.height, req.width, req.original_size,
@@ -533,6 +541,12 @@ class StableDiffusion:
         parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs
                  if runtime is not None]
         return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
+
+    def _timestep_cond(self, req: Request) -> np.ndarray | None:
+        """An LCM-distilled UNet's guidance input: the embedding of guidance_scale - 1 (diffusers' convention;
+        such a UNet gets no classifier-free guidance and no negative prompt). None for other UNets."""
+        dim = self.models.arch.get("time_cond_proj_dim")
+        return None if not dim else guidance_embedding(req.guidance_scale - 1.0, dim, req.batch_size)
 
     def _extra_networks(self, networks: list[prompts.ExtraNetwork]) -> None:
         unknown = sorted({n.kind for n in networks} - {"lora"})
@@ -567,36 +581,72 @@ class StableDiffusion:
                                  "`sdrt export MODEL OUT --tiling`")
         if req.control:
             raise InvalidRequest("seamless tiling together with ControlNet is not supported yet")
+        if req.vae == "tiny":
+            raise InvalidRequest("seamless tiling decodes with the full VAE's circular-padded graph; use vae='full'")
         return replace(self.models, **{component: variants.get(name) for component, name in tiling.items()})
 
     def _encode(self, pixels: np.ndarray, gens, req: Request) -> np.ndarray:
-        """VAE-encode and sample the latent distribution with each image's generator (diffusers' order)."""
-        encoder = self._models(req).vae_encoder
+        """VAE-encode and sample the latent distribution with each image's generator (diffusers' order); the tiny
+        autoencoder's latents are deterministic and draw nothing."""
+        tiny = req.vae == "tiny"
+        if tiny:
+            encoder, output = self._tiny("vae_encoder_tiny"), "latent_sample"
+        else:
+            encoder, output = self._models(req).vae_encoder, "latent_parameters"
         if encoder is None:
             raise InvalidRequest("this export has no VAE encoder, which img2img and inpainting need; "
                                  "re-export the model with `sdrt export`")
+
         def run(x):
-            return encoder.run({"sample": x})["latent_parameters"].astype(np.float32)
+            return encoder.run({"sample": x})[output].astype(np.float32)
         params = tiled(run, pixels, 1 / self.factor, self.factor * TILE, self.factor * OVERLAP) if req.tiled_vae \
             else run(pixels)
+        if tiny:
+            return np.concatenate([params] * len(gens)) * np.float32(self._scaling(req))
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         samples = [mean + std * g.randn(mean.shape) for g in gens]
         return np.concatenate(samples) * np.float32(self.models.arch["vae_scaling_factor"])
 
     def _decode(self, latents: np.ndarray, req: Request) -> list[Image.Image]:
-        """VAE-decode image by image (whole, or in overlapping tiles)."""
-        z = latents / np.float32(self.models.arch["vae_scaling_factor"])
-        decoder = self._models(req).vae_decoder
+        """VAE-decode image by image (whole, or in overlapping tiles), with the full or the tiny autoencoder."""
+        decoder = self._tiny("vae_decoder_tiny") if req.vae == "tiny" else self._models(req).vae_decoder
+        z = latents / np.float32(self._scaling(req))
 
         def run(x):
             return decoder.run({"latent_sample": x})["sample"]
         return [pic for i in range(len(z))
                 for pic in images.to_pil(tiled(run, z[i:i + 1], self.factor) if req.tiled_vae else run(z[i:i + 1]))]
 
+    def _scaling(self, req: Request) -> float:
+        """The factor from the chosen autoencoder's latents to the UNet's (TAESD's are the UNet's: 1.0)."""
+        key = "tiny_vae_scaling_factor" if req.vae == "tiny" else "vae_scaling_factor"
+        return self.models.arch[key]
+
+    def _tiny(self, name: str) -> Runtime:
+        runtime = getattr(self.models, name)
+        if runtime is None:
+            raise InvalidRequest("this export has no tiny autoencoder (TAESD); re-export the model with "
+                                 "`sdrt export MODEL OUT --tiny-vae madebyollin/taesd`, or use vae='full'")
+        return runtime
+
+    @property
+    def has_tiny_vae(self) -> bool:
+        return self.models.vae_decoder_tiny is not None
+
+    def preview(self, latents: np.ndarray) -> list[Image.Image]:
+        """Cheap previews of (B, C, h, w) latents in the UNet's space (e.g. a step's denoised estimate) through
+        the tiny autoencoder's decoder: A1111's "TAESD" live preview. InvalidRequest without one."""
+        decoder = self._tiny("vae_decoder_tiny")
+        z = np.asarray(latents, dtype=np.float32) / np.float32(self.models.arch["tiny_vae_scaling_factor"])
+        return [pic for i in range(len(z))
+                for pic in images.to_pil(decoder.run({"latent_sample": z[i:i + 1]})["sample"])]
+
     def _result(self, req: Request, task: str, plan, pics, timings, extra: dict | None = None) -> Result:
         seeds = req.image_seeds[:len(pics)]
-        params = {"Steps": req.steps, "Sampler": plan.label, "CFG scale": req.guidance_scale, "Seed": None,
+        params = {"Steps": req.steps, "Sampler": plan.label,
+                  "Schedule type": "SGM Uniform" if samplers.schedule_kind(req.scheduler) == "sgm_uniform" else None,
+                  "CFG scale": req.guidance_scale, "Seed": None,
                   "Size": f"{req.width}x{req.height}", "Model": self.models.name,
                   "Denoising strength": req.strength if task != "txt2img" else None,
                   "RNG": {"cpu": None, "nv": "NV", "numpy": "NumPy"}.get(req.rng),
@@ -604,6 +654,8 @@ class StableDiffusion:
                   "Emphasis": req.emphasis if req.emphasis != "Original" else None}
         params["Lora hashes"] = self.weights.hashes() if self.weights else None
         params |= {"Tiling": True if req.tiling else None, "Tiled VAE": True if req.tiled_vae else None,
+                   "VAE Encoder": "TAESD" if req.vae == "tiny" and task != "txt2img" else None,   # A1111's
+                   "VAE Decoder": "TAESD" if req.vae == "tiny" else None,
                    **{f"ControlNet {i}": unit.infotext() for i, unit in enumerate(req.control or ())},
                    **(extra or {})}
         texts = [images.infotext(p, n, {**params, "Seed": s})
@@ -642,7 +694,8 @@ def _draw(gens, shape) -> np.ndarray:
 def _runtimes(models: Models) -> list[tuple[str, Timed]]:
     """Every timed runtime of ``models`` with the component it counts for: the ControlNets as "controlnet",
     a variant graph as the component it stands for."""
-    found = [(k, getattr(models, k)) for k in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")]
+    found = [(k, getattr(models, k)) for k in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder",
+                                               "vae_encoder_tiny", "vae_decoder_tiny")]
     if models.control is not None:
         found += [("controlnet", r) for r in models.control.loaded.values()]
     if models.variants is not None:

@@ -348,7 +348,8 @@ BASE_NAMES = ("Euler", "Euler a", "DDIM", "PLMS", "LMS", "Heun", "DPM2", "DPM2 a
               "DPM++ SDE", "UniPC", "LCM")
 KARRAS_NAMES = ("Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC")
 SAMPLER_NAMES = BASE_NAMES + tuple(name + KARRAS for name in KARRAS_NAMES)
-SCHEDULER_NAMES = ("automatic", "karras")
+SCHEDULER_NAMES = ("automatic", "karras", "sgm_uniform")    # sgm_uniform: diffusers' "trailing" spacing
+NO_TRAILING = ("DPM++ SDE",)        # DPMSolverSinglestepScheduler has no timestep_spacing
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "ddim": "DDIM",
            "plms": "PLMS", "k_lms": "LMS", "k_heun": "Heun", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_dpmpp_sde": "DPM++ SDE",
@@ -445,15 +446,23 @@ def resolve_name(name, scheduler=None):
     base = by_lower.get(base.lower()) or ALIASES.get(base.lower())
     if base is None:
         raise InvalidRequest(f"unknown sampler {name!r}; use one of: {', '.join(SAMPLER_NAMES)}")
-    kind = (scheduler or "automatic").strip().lower()
+    kind = schedule_kind(scheduler)
     if kind not in SCHEDULER_NAMES:
         raise InvalidRequest(f"unknown or unsupported scheduler {scheduler!r}; sdrt supports: "
                              f"{', '.join(SCHEDULER_NAMES)}")
+    if kind == "sgm_uniform" and (karras or base in NO_TRAILING):
+        raise InvalidRequest(f"sampler {name!r} has no SGM Uniform (trailing) schedule in sdrt; use scheduler "
+                             f"'automatic' or a sampler other than {', '.join(NO_TRAILING)}")
     karras = karras or kind == "karras"
     if karras and base not in KARRAS_NAMES:
         raise InvalidRequest(f"sampler {base!r} has no Karras schedule; use scheduler 'automatic', or "
                              f"'karras' with one of: {', '.join(KARRAS_NAMES)}")
     return base + KARRAS if karras else base
+
+
+def schedule_kind(scheduler):
+    """A1111's `scheduler` field as a key: None -> "automatic", "SGM Uniform" -> "sgm_uniform"."""
+    return (scheduler or "automatic").strip().lower().replace(" ", "_")
 
 
 def img2img_start(steps, strength):
@@ -476,13 +485,16 @@ def plan(name, steps, config, strength=1.0, scheduler=None):
         steps: number of inference steps (before img2img truncation).
         config: the model's diffusers scheduler config (scheduler.json) as a dict.
         strength: img2img denoising strength; < 1 keeps the last int(steps * strength) steps.
-        scheduler: A1111's `scheduler` field: None, "automatic" or "karras".
+        scheduler: A1111's `scheduler` field: None, "automatic", "karras" or "sgm_uniform" (A1111's SGM Uniform,
+            run as diffusers' timestep_spacing="trailing": SD-Turbo's schedule; LCM gets these as custom timesteps).
     """
     key = resolve_name(name, scheduler)
     if not isinstance(steps, numbers.Integral) or steps < 1:
         raise InvalidRequest(f"steps must be an integer >= 1, got {steps!r}")
     cls, kwargs = DIFFUSERS_EQUIVALENT[key]
     opts = {**CLASS_DEFAULTS[cls], **{k: v for k, v in config.items() if v is not None}, **kwargs}
+    if schedule_kind(scheduler) == "sgm_uniform":
+        opts |= {"timestep_spacing": "trailing", "sgm_uniform": True}
     ac = schedules.alphas_cumprod(opts)
     if steps > len(ac):
         raise InvalidRequest(f"steps must be <= num_train_timesteps ({len(ac)}), got {steps}")
@@ -597,7 +609,10 @@ def _lcm_plan(key, n, start, opts, ac):
     original = int(opts["original_inference_steps"])
     if n > original:
         raise InvalidRequest(f"LCM runs at most original_inference_steps = {original} steps, got {n}")
-    t = schedules.lcm_timesteps(n, original, len(ac))[start:]
+    if opts.get("sgm_uniform"):
+        t = schedules.spaced_timesteps(n, "trailing", len(ac))[start:]
+    else:
+        t = schedules.lcm_timesteps(n, original, len(ac))[start:]
     sigmas = np.append([_sigma_at(ti, ac, 0.0) for ti in t], 0.0)
     c_skip, c_out = schedules.lcm_boundary(t, opts["timestep_scaling"])
     sampler = partial(sample_lcm, sigmas=sigmas, c_skip=c_skip, c_out=c_out)

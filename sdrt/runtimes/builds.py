@@ -32,7 +32,8 @@ RECORD = "build.json"
 # the UNet runs [uncond; cond] (2n), the VAE encodes the one init image and decodes image by image.
 STATIC_BATCH: dict[str, Callable[[int], int]] = {
     "text_encoder": lambda n: 1, "unet": lambda n: 2 * n, "vae_encoder": lambda n: 1, "vae_decoder": lambda n: 1,
-    "text_encoder_sdxl": lambda n: 1, "text_encoder_2": lambda n: 1, "unet_sdxl": lambda n: 2 * n}
+    "text_encoder_sdxl": lambda n: 1, "text_encoder_2": lambda n: 1, "unet_sdxl": lambda n: 2 * n,
+    "unet_lcm": lambda n: n, "vae_encoder_tiny": lambda n: 1, "vae_decoder_tiny": lambda n: 1}   # LCM: no CFG
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batc
     """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height."""
     dims = dict(B=STATIC_BATCH[spec.name](batch), H=height, W=width, S=arch.get("model_max_length", CLIP_LENGTH),
                 D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"],
-                P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0))
+                P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0),
+                TC=arch.get("time_cond_proj_dim") or 1)
     return {t.name: t.resolve(dims) for t in spec.inputs}
 
 

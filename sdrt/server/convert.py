@@ -27,12 +27,13 @@ from .codec import decode_image, encode_png
 from .jobs import Interrupted, Job, Skipped
 from .schemas import Img2Img, Processing, Txt2Img
 
-# A1111's schedule types (sd_schedulers.py): name -> label; sdrt runs the first three
+# A1111's schedule types (sd_schedulers.py): name -> label; sdrt runs automatic, uniform, karras and
+# sgm_uniform (as diffusers' "trailing" timestep spacing, SD-Turbo's schedule)
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
              "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
              "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
              "beta": "Beta"}
-SUPPORTED_SCHEDULES = ("automatic", "uniform", "karras")
+SUPPORTED_SCHEDULES = ("automatic", "uniform", "karras", "sgm_uniform")
 # A1111 >= 1.9: a sampler's own schedule when the request says "Automatic" (exponential is not in sdrt:
 # DPM++ 2M SDE then runs its uniform schedule, and says so in the infotext)
 DEFAULT_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM2": "karras", "DPM2 a": "karras"}
@@ -111,7 +112,7 @@ def sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
     if kind not in SUPPORTED_SCHEDULES:
         raise InvalidRequest(f"scheduler {SCHEDULES[kind]!r} is not supported by sdrt; use one of: "
                              f"{', '.join(SCHEDULES[k] for k in SUPPORTED_SCHEDULES)}")
-    return samplers.resolve_name(base, "karras" if kind == "karras" else None), SCHEDULES[kind]
+    return samplers.resolve_name(base, kind if kind in ("karras", "sgm_uniform") else None), SCHEDULES[kind]
 
 
 def _schedule(scheduler: str | None) -> str:
@@ -162,9 +163,11 @@ def _refuse_unsupported(req: Processing) -> None:
 def _common(req: Processing, settings: dict) -> tuple[dict, int, int]:
     """Pipeline keyword arguments every task takes, and the resolved seed and subseed."""
     _refuse_unsupported(req)
-    name, _ = sampler(req.sampler_name or req.sampler_index, req.scheduler)
+    name, schedule = sampler(req.sampler_name or req.sampler_index, req.scheduler)
     kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
                   sampler=name, batch_size=req.batch_size, **opts.pipeline_settings(settings))
+    if schedule == SCHEDULES["sgm_uniform"]:
+        kwargs["scheduler"] = "sgm_uniform"
     kwargs["tiling"] = bool(req.tiling)          # an export without tiling graphs answers 422
     seed = random.randrange(MAX_SEED) if req.seed == -1 else req.seed
     subseed = random.randrange(MAX_SEED) if req.subseed == -1 else req.subseed

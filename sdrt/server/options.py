@@ -8,6 +8,7 @@ from ..pipelines.conditioning import EMPHASIS
 from .preview import RENDERERS
 
 RNG_SOURCES = {"CPU": "cpu", "GPU": "nv", "NV": "nv"}   # A1111 "GPU" on CUDA = Philox = its "NV" source
+VAE_METHODS = ("Full", "TAESD")
 
 
 def _int(key: str, lo: int, hi: int) -> Callable[[Any], int]:
@@ -46,10 +47,14 @@ VALIDATORS = {
     "live_previews_enable": _bool("live_previews_enable"),
     "show_progress_every_n_steps": _int("show_progress_every_n_steps", -1, 1000),   # -1: at the end only
     "show_progress_type": _one_of("show_progress_type", tuple(RENDERERS)),
+    # A1111's "VAE type for decode/encode": TAESD is the export's tiny autoencoder (sdrt export --tiny-vae)
+    "sd_vae_decode_method": _one_of("sd_vae_decode_method", VAE_METHODS),
+    "sd_vae_encode_method": _one_of("sd_vae_encode_method", VAE_METHODS),
 }
 DEFAULTS = {"CLIP_stop_at_last_layers": 1, "emphasis": "Original", "comma_padding_backtrack": 20,
             "randn_source": "CPU", "samples_format": "png", "sd_vae": "Automatic", "eta_noise_seed_delta": 0,
-            "live_previews_enable": True, "show_progress_every_n_steps": 10, "show_progress_type": "Approx cheap"}
+            "live_previews_enable": True, "show_progress_every_n_steps": 10, "show_progress_type": "Approx cheap",
+            "sd_vae_decode_method": "Full", "sd_vae_encode_method": "Full"}
 
 
 def validated(values: dict, find_checkpoint: Callable[[str], Any]) -> dict:
@@ -65,7 +70,9 @@ def validated(values: dict, find_checkpoint: Callable[[str], Any]) -> dict:
 
 
 def pipeline_settings(options: dict) -> dict:
-    """The Request fields the settings give."""
+    """The Request fields the settings give. sdrt runs one autoencoder per request: the decode method picks it
+    (A1111's separate encode method is stored but follows the decoder)."""
     return {"clip_skip": options["CLIP_stop_at_last_layers"], "emphasis": options["emphasis"],
             "comma_padding_backtrack": options["comma_padding_backtrack"],
-            "rng": RNG_SOURCES[options["randn_source"]]}
+            "rng": RNG_SOURCES[options["randn_source"]],
+            "vae": "tiny" if options.get("sd_vae_decode_method") == "TAESD" else "full"}

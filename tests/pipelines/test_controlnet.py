@@ -115,7 +115,8 @@ def test_export_lists_controlnets_and_residual_unets(control_export, inpaint_con
         graph = onnx.load(str(folder / "unet_control.onnx")).graph
         conv_in = next(n for n in graph.node if n.op_type == "Conv")
         assert next(i for i in graph.initializer if i.name == conv_in.input[1]).dims[1] == channels
-        assert set(manifest.components) == set(specs.SPECS)       # the plain graphs are unchanged
+        few_step = {"unet_lcm", "vae_encoder_tiny", "vae_decoder_tiny"}
+        assert set(manifest.components) == set(specs.SPECS) - few_step      # the plain graphs are unchanged
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

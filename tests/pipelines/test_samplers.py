@@ -203,3 +203,32 @@ def test_init_sigma_semantics():
     ddim = samplers.plan("DDIM", 10, SD15)
     assert ddim.init_sigma == pytest.approx(math.sqrt(1 + ddim.sigmas[0] ** 2))
     assert ddim.sigmas[-1] == pytest.approx(schedules.training_sigmas(schedules.alphas_cumprod(SD15))[0])
+
+
+@pytest.mark.parametrize("name", [n for n in samplers.DIFFUSERS_EQUIVALENT
+                                  if not n.endswith(samplers.KARRAS) and n not in samplers.NO_TRAILING])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sgm_uniform_is_trailing_spacing(name, steps):
+    """A1111's SGM Uniform runs as diffusers' timestep_spacing="trailing" (LCM: those as custom timesteps)."""
+    if name.startswith("LMS"):
+        pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).double().numpy()
+    cls, kwargs = samplers.DIFFUSERS_EQUIVALENT[name]
+    scheduler = getattr(diffusers, cls).from_config({**SD15, "timestep_spacing": "trailing"}, **kwargs)
+    if name == "LCM":
+        scheduler.set_timesteps(timesteps=schedules.spaced_timesteps(steps, "trailing").astype(int).tolist())
+    else:
+        scheduler.set_timesteps(steps)
+    ref_gen, sdrt_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    latents = torch.from_numpy(noise).float() * scheduler.init_noise_sigma
+    step_kwargs = {"generator": ref_gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        out = fake_unet(scheduler.scale_model_input(latents, t).double().numpy(), float(t))
+        latents = scheduler.step(torch.from_numpy(out).float(), t, latents, **step_kwargs).prev_sample
+    ref = latents.double().numpy()
+
+    plan = samplers.plan(name, steps, SD15, scheduler="SGM Uniform")
+    fresh = lambda: torch.randn(SHAPE, generator=sdrt_gen, dtype=torch.float32).double().numpy()  # noqa: E731
+    got = plan.run(fake_denoiser(SD15), noise * plan.init_sigma, noise=fresh) / math.sqrt(1 + plan.sigmas[-1] ** 2)
+    assert np.abs(got - ref).max() <= RTOL * max(1.0, np.abs(ref).max())
+    assert plan.calls[0][1] == 999 and plan.label == name

@@ -229,7 +229,7 @@ def test_listings(api, port):
     samplers = {s["name"]: s for s in api.get_samplers()}
     assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
     assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"}
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "uniform", "karras"]
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "uniform", "karras", "sgm_uniform"]
     assert len(api.get_sd_models()) == 2 and api.get_sd_vae() == []
     assert {"Lanczos", "Nearest"} <= {u["name"] for u in api.get_upscalers()}
     assert {"Latent", "Latent (nearest-exact)"} <= {u["name"] for u in api.get_latent_upscale_modes()}
