@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest
-from ..specs import CLIP_LENGTH, SPECS, ComponentSpec, controlnet, half, unet_control
+from ..specs import ALL_SPECS, CLIP_LENGTH, ComponentSpec, controlnet, half, unet_control
 from . import builds
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,14 @@ def dims(component: str, arch: dict, corner: Corner, guidance: bool = True) -> d
     the text encoder runs one 77-token chunk at a time, the VAE one image at a time, the UNet, unet_control
     and the ControlNets [uncond; cond] (2n rows for n images with guidance) on prompts of ``chunks`` chunks."""
     kind = "controlnet" if component.startswith("controlnet") else component.removesuffix("_tiling")
+    guidance = guidance and not arch.get("time_cond_proj_dim")      # an LCM-distilled UNet runs without CFG
     if kind in GUIDED:
         batch, tokens = corner.batch * (2 if guidance else 1), CLIP_LENGTH * corner.chunks
     else:
         batch, tokens = 1, CLIP_LENGTH
     return dict(B=batch, H=corner.height, W=corner.width, S=tokens, D=arch["cross_attention_dim"],
-                C=arch["latent_channels"], CI=arch["unet_in_channels"])
+                C=arch["latent_channels"], CI=arch["unet_in_channels"], P=arch.get("text_embeds_dim", 0),
+                T=arch.get("time_ids", 0), TC=arch.get("time_cond_proj_dim") or 1)
 
 
 def profile(spec: ComponentSpec, component: str, arch: dict, shapes: ShapeRange) -> dict[str, tuple]:
@@ -106,8 +108,8 @@ def profile(spec: ComponentSpec, component: str, arch: dict, shapes: ShapeRange)
 
 def graphs(manifest: mf.Manifest) -> dict[str, tuple[mf.Component, ComponentSpec]]:
     """Every graph of the export an engine is built for, with its spec (fp16 graphs get the fp16 spec)."""
-    found = {name: (c, SPECS[c.spec]) for name, c in manifest.components.items()}
-    found |= {f"{name}_tiling": (c, SPECS[c.spec]) for name, c in manifest.tiling.items()}
+    found = {name: (c, ALL_SPECS[c.spec]) for name, c in manifest.components.items()}
+    found |= {f"{name}_tiling": (c, ALL_SPECS[c.spec]) for name, c in manifest.tiling.items()}
     if manifest.unet_control is not None or manifest.controlnets:
         layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
         if manifest.unet_control is not None:

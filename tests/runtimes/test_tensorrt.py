@@ -15,7 +15,7 @@ from sdrt.cli import main
 from sdrt.errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
 from sdrt.runtimes import backend, tensorrt, trt_build
 from sdrt.runtimes.builds import BuildOptions
-from sdrt.specs import SPECS, UNET, controlnet, unet_control
+from sdrt.specs import ALL_SPECS, SPECS, UNET, controlnet, unet_control
 
 # SD 1.5's ControlNet residuals: (channels, latent downsampling), 12 down blocks and the mid block
 SD15_LAYOUT = ((320, 1), (320, 1), (320, 1), (320, 2), (640, 2), (640, 2), (640, 4), (1280, 4), (1280, 4),
@@ -51,6 +51,20 @@ def test_static_profile_is_one_shape_with_the_cfg_batch():
     assert p["text_encoder"]["input_ids"][0] == [1, 77]        # one 77-token chunk at a time
     assert p["vae_decoder"]["latent_sample"][0] == [1, 4, 96, 64]   # image by image
     assert p["vae_encoder"]["sample"][0] == [1, 3, 768, 512]
+
+
+def test_sdxl_and_lcm_profiles():
+    """SDXL's UNet also takes text_embeds and time_ids per row; an LCM-distilled UNet runs without CFG rows."""
+    static = trt_build.shape_range(BuildOptions(backend="tensorrt", static=(1024, 1024), batch=1), 1024)
+    sdxl = dict(SD15_ARCH, cross_attention_dim=2048, text_embeds_dim=1280, time_ids=6)
+    p = trt_build.profile(ALL_SPECS["unet_sdxl"], "unet", sdxl, static)
+    assert p["sample"][0] == (2, 4, 128, 128) and p["encoder_hidden_states"][0] == (2, 77, 2048)
+    assert p["text_embeds"][0] == (2, 1280) and p["time_ids"][0] == (2, 6)
+    assert trt_build.profile(ALL_SPECS["text_encoder_2"], "text_encoder_2", sdxl, static)["input_ids"][0] == (1, 77)
+    lcm = dict(SD15_ARCH, time_cond_proj_dim=256)
+    p = trt_build.profile(SPECS["unet_lcm"], "unet", lcm, trt_build.shape_range(
+        BuildOptions(backend="tensorrt", static=(512, 512), batch=2), 512))
+    assert p["sample"][0] == (2, 4, 64, 64) and p["timestep_cond"][0] == (2, 256)
 
 
 def test_dynamic_profile_spans_min_to_max_and_guidance_off_at_the_bottom():
