@@ -28,8 +28,17 @@ def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
                                  f"expected rank {len(t.shape)} {t.shape}")
 
 
+# what the backends say when an allocation fails (ONNX Runtime, OpenVINO's std::bad_alloc, CUDA)
+OUT_OF_MEMORY = ("bad_alloc", "failed to allocate", "cannot allocate", "out of memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(words in str(e).lower() for words in OUT_OF_MEMORY)
+
+
 class Timed:
-    """Wraps a Runtime and accumulates the wall time spent inside its ``run`` calls."""
+    """Wraps a Runtime and accumulates the wall time spent inside its ``run`` calls; a backend's failed
+    allocation becomes a MemoryError naming the component (a request too large for this machine, not a bug)."""
 
     def __init__(self, inner: Runtime):
         self.inner, self.spec = inner, inner.spec
@@ -39,6 +48,10 @@ class Timed:
         start = time.perf_counter()
         try:
             return self.inner.run(feeds)
+        except Exception as e:
+            if isinstance(e, MemoryError) or not out_of_memory(e):
+                raise
+            raise MemoryError(f"{self.spec.name}: {str(e).strip().splitlines()[0][:300]}") from None
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1

@@ -329,6 +329,12 @@ def _errors(app: FastAPI) -> None:
     async def http(request, e: StarletteHTTPException):
         return _error(e.status_code, e, e.detail, e.headers)
 
+    @app.exception_handler(MemoryError)
+    async def too_large(request, e: MemoryError):      # a request this machine cannot hold: ask for less
+        return _error(422, e, "this request needs more memory than the server has"
+                              f"{f' ({e})' if str(e) else ''}; ask for a smaller width*height or batch_size, "
+                              "or lower --max-pixels")
+
     @app.exception_handler(SdrtError)
     async def server_side(request, e: SdrtError):        # a broken export or backend, not the request
         return _error(500, e, str(e))

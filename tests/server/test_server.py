@@ -323,6 +323,34 @@ def test_bad_mask_size_and_server_keeps_serving(api, port, init_image):
     assert len(api.txt2img(prompt=PROMPT, seed=1, width=SIZE, height=SIZE, steps=1).images) == 1
 
 
+def test_out_of_memory_is_a_422_and_the_server_keeps_serving(tiny_export, monkeypatch):
+    """A request too large for the machine (the backend's allocation fails) is the client's to shrink."""
+    from sdrt.runtimes.base import Timed
+    from sdrt.specs import SPECS
+
+    class Exhausted:
+        spec = SPECS["unet"]
+
+        def run(self, feeds):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for 256 GB")
+    with pytest.raises(MemoryError, match="unet: .*Failed to allocate"):
+        Timed(Exhausted()).run({})
+    pipe = load(tiny_export)
+    original, calls = pipe.txt2img, iter([MemoryError("unet: Failed to allocate memory")])
+
+    def txt2img(*args, **kwargs):
+        if (error := next(calls, None)) is not None:
+            raise error
+        return original(*args, **kwargs)
+    monkeypatch.setattr(pipe, "txt2img", txt2img)
+    options = ServerOptions(folders=(tiny_export,), runtime="onnxruntime")
+    with running(create_app(options, lambda folder: pipe)) as port:
+        r = requests.post(url(port, "txt2img"), json={"width": SIZE, "height": SIZE, "steps": 1})
+        assert r.status_code == 422 and set(r.json()) == ERROR_KEYS
+        assert "more memory than the server has" in r.json()["detail"]
+        assert requests.post(url(port, "txt2img"), json={"width": SIZE, "height": SIZE, "steps": 1}).ok
+
+
 def test_disconnected_client_does_not_wedge_the_queue(api, port):
     body = json.dumps({"prompt": PROMPT, "width": SIZE, "height": SIZE, "steps": LONG}).encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
