@@ -3,7 +3,7 @@ a step's denoised latents rendered to the image ``/progress`` returns as ``curre
 
 A renderer maps the loaded pipeline and the latents of one job's images (B, 4, h, w), in the UNet's latent
 scale, to one PIL image: the image itself, or a grid of the batch (A1111's ``show_progress_grid``). "TAESD"
-(a tiny exported VAE decoder) plugs in here as one more entry of ``RENDERERS``.
+uses the export's tiny autoencoder when it has one.
 """
 from __future__ import annotations
 
@@ -41,9 +41,16 @@ def full(pipe, latents: np.ndarray) -> list[Image.Image]:
             for pic in images.to_pil(decoder.run({"latent_sample": latents[i:i + 1] / scale})["sample"])]
 
 
+def taesd(pipe, latents: np.ndarray) -> list[Image.Image]:
+    """The export's tiny autoencoder (``sdrt export --tiny-vae``), at the image's size; "Approx cheap" for an
+    export without one (A1111 would download TAESD; sdrt does not fetch weights while serving)."""
+    return pipe.preview(latents) if pipe.has_tiny_vae else approx_cheap(pipe, latents)
+
+
 RENDERERS: dict[str, Callable[[object, np.ndarray], list[Image.Image]]] = {
     "Approx cheap": approx_cheap,
     "Full": full,
+    "TAESD": taesd,
 }
 
 

@@ -154,6 +154,16 @@ def test_preview_decodes_latents_with_the_tiny_decoder(pipe, tiny_taesd_dir):
     compare("taesd preview", previews, (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
 
 
+def test_server_taesd_live_preview(pipe, tiny_export):
+    """/progress's "TAESD" preview is the tiny decoder's image; an export without one falls back to Approx cheap."""
+    from sdrt.server import preview
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    shown = preview.RENDERERS["TAESD"](pipe, latents)
+    assert [np.asarray(im).tolist() for im in shown] == [np.asarray(im).tolist() for im in pipe.preview(latents)]
+    plain = sdrt.load(tiny_export, runtime="onnxruntime", progress=False)
+    assert [im.size for im in preview.RENDERERS["TAESD"](plain, latents)] == [(8, 8)]      # latent-sized
+
+
 def test_without_a_tiny_vae_the_error_says_how_to_export_one(tiny_export):
     plain = sdrt.load(tiny_export, runtime="onnxruntime", progress=False)
     assert not plain.has_tiny_vae
