@@ -133,15 +133,16 @@ def _upcast_vae(model: Source, name: str) -> bool:
 
 
 def architecture_facts(model: Source) -> dict:
-    """What the run-time pipeline needs to know about the model, read from the torch configs."""
-    if model.sdxl:
-        return sdxl_facts(model)
-    unet, vae, text, tok = model.unet.config, model.vae.config, model.text_encoder.config, model.tokenizer
+    """What the run-time pipeline needs to know about the model, read from the torch configs.
+    ``hidden_size``/``text_layers``/token ids describe the first text encoder present (SDXL's refiner has only
+    its second); SDXL adds its own facts (:func:`sdxl_facts`)."""
+    unet, vae = model.unet.config, model.vae.config
+    text, tok = ((model.text_encoder.config, model.tokenizer) if model.text_encoder is not None else
+                 (model.text_encoder_2.config, model.tokenizer_2))
     vae_factor = 2 ** (len(vae.block_out_channels) - 1)
     if vae_factor != VAE_FACTOR:
         raise ExportError(f"{model.name}: the VAE downsamples by {vae_factor}, sdrt supports {VAE_FACTOR}")
-    return dict(
-        family=model.detected.family,
+    facts = dict(
         latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
         vae_scaling_factor=vae.scaling_factor, vae_factor=vae_factor,
         unet_downsample=2 ** (len(unet.block_out_channels) - 1),
@@ -149,37 +150,27 @@ def architecture_facts(model: Source) -> dict:
         sample_size=unet.sample_size, text_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
         model_max_length=min(tok.model_max_length, CLIP_LENGTH),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        inpaint=model.inpaint, time_cond_proj_dim=unet.get("time_cond_proj_dim"),
+        inpaint=model.inpaint)
+    if model.sdxl:
+        return facts | sdxl_facts(model)
+    return facts | dict(
+        family=model.detected.family, time_cond_proj_dim=unet.get("time_cond_proj_dim"),
         **({"tiny_vae_scaling_factor": model.tiny_vae.config.scaling_factor} if model.tiny_vae is not None else {}))
 
 
 def sdxl_facts(model: Source) -> dict:
-    """SDXL's facts: both text encoders' widths (the refiner has only the second), the pooled width, the time
-    ids, and the pipeline flags of model_index.json. ``hidden_size``/``text_layers``/token ids describe the
-    first text encoder present; ``*_2`` the second."""
-    unet, vae = model.unet.config, model.vae.config
-    text_2, tok_2 = model.text_encoder_2.config, model.tokenizer_2
-    first, tok = (model.text_encoder.config, model.tokenizer) if model.text_encoder is not None else (text_2, tok_2)
-    vae_factor = 2 ** (len(vae.block_out_channels) - 1)
-    if vae_factor != VAE_FACTOR:
-        raise ExportError(f"{model.name}: the VAE downsamples by {vae_factor}, sdrt supports {VAE_FACTOR}")
+    """SDXL's own facts: the second text encoder (the refiner has only that one), the pooled width, the time
+    ids, the VAE's fp32 upcast, and the pipeline flags of model_index.json."""
+    unet, text_2 = model.unet.config, model.text_encoder_2.config
     widths = ([model.text_encoder.config.hidden_size] if model.text_encoder is not None else []) + [text_2.hidden_size]
     if sum(widths) != unet.cross_attention_dim:
         raise ExportError(f"{model.name}: the text encoders' widths {widths} do not add up to the UNet's "
                           f"cross_attention_dim {unet.cross_attention_dim}")
     return dict(
-        family="sdxl", latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
-        vae_scaling_factor=vae.scaling_factor, vae_factor=vae_factor, force_upcast=vae.get("force_upcast", True),
-        unet_downsample=2 ** (len(unet.block_out_channels) - 1),
-        prediction_type=model.prediction_type, cross_attention_dim=unet.cross_attention_dim,
-        sample_size=unet.sample_size, text_layers=first.num_hidden_layers, hidden_size=first.hidden_size,
-        text_encoders=2 if model.text_encoder is not None else 1,
+        family="sdxl", force_upcast=model.vae.config.get("force_upcast", True), text_encoders=len(widths),
         text_layers_2=text_2.num_hidden_layers, hidden_size_2=text_2.hidden_size,
         text_embeds_dim=text_2.projection_dim, addition_time_embed_dim=unet.addition_time_embed_dim,
-        time_ids=time_id_count(model), **model.pipeline_config,
-        model_max_length=min(tok.model_max_length, CLIP_LENGTH),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        pad_token_id_2=tok_2.pad_token_id, inpaint=model.inpaint)
+        time_ids=time_id_count(model), **model.pipeline_config, pad_token_id_2=model.tokenizer_2.pad_token_id)
 
 
 def save_tokenizer(tokenizer, name: str, folder: Path) -> None:

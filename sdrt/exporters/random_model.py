@@ -210,8 +210,7 @@ def _pipeline(arch: str, inpaint: bool, prediction_type: str | None,
 def text_config(arch: str) -> CLIPTextConfig:
     """The CLIPTextConfig of ``arch`` (SD 1's OpenAI CLIP token ids unless the architecture sets its own, as
     SD 2's OpenCLIP config does: 0/2/1, which CLIPTextModel only reads for the pooled output)."""
-    ids = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **{**ids, **ARCHITECTURES[arch]["text"]})
+    return _clip_config(**ARCHITECTURES[arch]["text"])
 
 
 def tokenizer(arch: str) -> CLIPTokenizer:
@@ -221,8 +220,9 @@ def tokenizer(arch: str) -> CLIPTokenizer:
 
 
 def _clip_config(**kwargs) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                          pad_token_id=49407, **kwargs)
+    """A CLIPTextConfig of the shipped vocabulary; ``kwargs`` may set their own token ids."""
+    ids = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **{**ids, **kwargs})
 
 
 def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = False,
