@@ -1,6 +1,8 @@
 """``sdrt bench``: per-component and end-to-end latency of an export on every sdrt runtime present, against
-the peers (diffusers+torch, Optimum-Intel OpenVINO dynamic and static, Optimum ONNX Runtime) on the same
-model, size, steps, sampler and seed, in the same run (DESIGN §8).
+the peers (diffusers+torch, Optimum-Intel OpenVINO dynamic, static and hybrid int8, Optimum ONNX Runtime) on
+the same model, size, steps, sampler and seed, in the same run (DESIGN §8). SD 1.x/2.x and SDXL exports (the
+family in the export's ``sdrt.json``); few-step settings (``--sampler``, ``--scheduler sgm_uniform``,
+guidance <= 1 without CFG, ``--vae tiny``) reach every system alike.
 
     sdrt bench OUT --size 256 --steps 20 --runs 3 --threads 2 --json bench.json --chart bench.png
 
@@ -26,12 +28,17 @@ from typing import Mapping
 from .. import manifest as mf
 from .. import runtimes
 from ..errors import BackendUnavailable, InvalidRequest, SdrtError
+from ..quantize.calibration import read_prompts
+from ..pipelines import samplers
 from ..runtimes.openvino import INFERENCE_PRECISIONS
 from . import report
 
 log = logging.getLogger(__name__)
 
-PEERS = ("diffusers", "optimum-intel", "optimum-intel-static", "optimum-onnxruntime")
+PEERS = ("diffusers", "optimum-intel", "optimum-intel-static", "optimum-onnxruntime", "optimum-intel-int8",
+         "optimum-intel-int8-static")
+DEFAULT_PEERS = PEERS[:4]       # the int8 peers calibrate for a long time (their conversion is cached)
+VAES = ("full", "tiny")
 PRECISIONS = ("fp32", "fp16", "int8")
 ROOT = Path(__file__).resolve().parents[2]          # the folder holding the sdrt package, for peer Pythons
 
@@ -48,6 +55,11 @@ class BenchOptions:
     load (default: the ``source`` recorded in the export's ``sdrt.json``). ``timeout``: seconds per system.
     ``inference_precision``: what sdrt's OpenVINO runtime and the Optimum-Intel peers compute in (f32, bf16,
     f16), so both run alike; None: sdrt f32, Optimum-Intel its own default (bf16 on AVX512-BF16/AMX CPUs).
+    ``sampler``/``scheduler``: sdrt's names (A1111's: "Euler a", "LCM"; "sgm_uniform" is diffusers'
+    trailing timestep spacing, SD-Turbo's); the peers run the matching diffusers scheduler. ``vae``: "tiny"
+    decodes with the export's tiny autoencoder (``sdrt export --tiny-vae``); the peers with the
+    AutoencoderTiny folder ``tiny_vae_source``. ``int8_samples``: UNet calls the Optimum-Intel hybrid int8
+    peer calibrates on (its own loop: 512x512 at most, 50 steps per prompt, sdrt's calibration prompts).
     """
     runtimes: tuple[str, ...] = ()
     size: tuple[int, int] = (512, 512)
@@ -57,7 +69,7 @@ class BenchOptions:
     runs: int = 3
     warmup: int = 1
     threads: int = 0
-    peers: tuple[str, ...] = PEERS
+    peers: tuple[str, ...] = DEFAULT_PEERS
     json: Path | None = None
     markdown: Path | None = None
     chart: Path | None = None
@@ -65,6 +77,10 @@ class BenchOptions:
     source: Path | None = None
     seed: int = 1
     sampler: str = "Euler a"
+    scheduler: str | None = None
+    vae: str = "full"
+    tiny_vae_source: Path | None = None
+    int8_samples: int = 50
     prompt: str = "a photograph of an astronaut riding a horse"
     timeout: float | None = None
     inference_precision: str | None = None
@@ -75,12 +91,16 @@ class BenchOptions:
         if width < 8 or height < 8 or width % 8 or height % 8:
             raise InvalidRequest(f"--size {width}x{height}: width and height have to be positive multiples of 8")
         for name, value, low in (("steps", self.steps, 1), ("runs", self.runs, 1), ("warmup", self.warmup, 0),
-                                 ("batch", self.batch, 1), ("threads", self.threads, 0)):
+                                 ("batch", self.batch, 1), ("threads", self.threads, 0),
+                                 ("int8-samples", self.int8_samples, 1)):
             if value < low:
                 raise InvalidRequest(f"--{name} must be >= {low}, not {value}")
         unknown = sorted(set(self.peers) - set(PEERS))
         if unknown:
             raise InvalidRequest(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or none)")
+        if self.vae not in VAES:
+            raise InvalidRequest(f"--vae {self.vae}: choose from {', '.join(VAES)}")
+        samplers.resolve_name(self.sampler, self.scheduler)         # an unknown name says which exist
         if self.inference_precision not in (None, *INFERENCE_PRECISIONS):
             raise InvalidRequest(f"--inference-precision {self.inference_precision}: choose from "
                                  f"{', '.join(INFERENCE_PRECISIONS)}")
@@ -95,6 +115,9 @@ def run(folder: str | Path, options: BenchOptions = BenchOptions()) -> dict:
     options.check()
     folder = Path(folder).resolve()
     manifest = mf.read(folder)
+    if options.vae == "tiny" and "vae_decoder_tiny" not in manifest.components:
+        raise InvalidRequest(f"--vae tiny: {folder} has no tiny autoencoder; export it with "
+                             f"`sdrt export MODEL OUT --tiny-vae madebyollin/taesd` (taesdxl for SDXL)")
     settings = _settings(folder, manifest, options)
     jobs = _sdrt_jobs(folder, manifest, options) + _peer_jobs(folder, settings, options)
     systems = []
@@ -115,7 +138,7 @@ def measure(name: str, spec: dict | None, python: str, settings: dict, options: 
     if spec is None or "status" in spec:                 # known before any process starts
         return {"name": name, **(spec or {})}
     extra = {}
-    if spec["kind"] == "peer" and spec["peer"] != "diffusers":
+    if spec["kind"] == "peer" and spec["peer"] != "diffusers":       # Optimum: convert (cached), then load
         exported = _worker({**spec, "mode": "export"}, python, options.timeout)
         if exported.get("status") != "ok":
             return {"name": name, **exported}
@@ -133,7 +156,8 @@ def _settings(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> dic
     return {"folder": str(folder), "source": str(options.source or manifest.source), "width": width,
             "height": height, "steps": options.steps, "guidance": options.guidance, "batch": options.batch,
             "runs": options.runs, "warmup": options.warmup, "threads": options.threads, "seed": options.seed,
-            "sampler": options.sampler, "prompt": options.prompt,
+            "sampler": options.sampler, "scheduler": options.scheduler, "vae": options.vae,
+            "family": manifest.architecture.get("family", "sd1"), "prompt": options.prompt,
             "inference_precision": options.inference_precision, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -156,31 +180,50 @@ def _sdrt_jobs(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> li
             except SdrtError:           # TensorRT runs built engines only: no build at this precision
                 continue
             if precision in {c.precision for c in components.values()}:   # ONNX Runtime int8: the UNet
-                spec = {"kind": "sdrt", "runtime": name, "precision": precision, **_shared(options, folder)}
+                spec = {"kind": "sdrt", "runtime": name, "precision": precision,
+                        **_shared(options, folder)}
                 jobs.append((f"sdrt {name} {precision}", spec, sys.executable))
     return jobs
 
 
 def _peer_jobs(folder: Path, settings: dict, options: BenchOptions) -> list[tuple]:
     source = Path(settings["source"])
+    cls, kwargs = samplers.DIFFUSERS_EQUIVALENT[samplers.resolve_name(options.sampler, options.scheduler)]
+    if samplers.schedule_kind(options.scheduler) == "sgm_uniform":
+        kwargs = {**kwargs, "timestep_spacing": "trailing"}           # as samplers.plan runs it
+    tiny = options.tiny_vae_source
     jobs = []
     for peer in options.peers:
-        python = options.interpreters.get(peer) or options.interpreters.get(peer.removesuffix("-static"))
+        python = (options.interpreters.get(peer) or options.interpreters.get(peer.removesuffix("-static"))
+                  or options.interpreters.get(_package_family(peer)))
         if not (source / "model_index.json").is_file():
             spec = {"kind": "peer", "status": "skipped",
                     "error": f"the source {source} is not a local diffusers folder; pass --source DIR"}
+        elif options.vae == "tiny" and not (tiny and (Path(tiny) / "config.json").is_file()):
+            spec = {"kind": "peer", "status": "skipped",
+                    "error": "--vae tiny: pass --tiny-vae-source DIR (the AutoencoderTiny folder the export used)"}
         else:
             spec = {"kind": "peer", "peer": peer, "source": str(source), "cache_dir": str(_peer_cache(folder)),
+                    "family": settings["family"], "scheduler_class": [cls, kwargs],
+                    "tiny_vae_source": str(tiny) if options.vae == "tiny" else None,
                     **_shared(options, folder)}
+            if "-int8" in peer:
+                spec |= {"int8_samples": options.int8_samples, "calibration_prompts": read_prompts()}
         jobs.append((peer, spec, python or sys.executable))
     return jobs
+
+
+def _package_family(peer: str) -> str:
+    """The package a peer comes from (``optimum-intel-int8-static`` -> ``optimum-intel``), for --peer-python."""
+    return "optimum-intel" if peer.startswith("optimum-intel") else peer
 
 
 def _shared(options: BenchOptions, folder: Path) -> dict:
     width, height = options.size
     return {"folder": str(folder), "width": width, "height": height, "steps": options.steps,
             "guidance": options.guidance, "batch": options.batch, "runs": options.runs, "warmup": options.warmup,
-            "threads": options.threads, "seed": options.seed, "sampler": options.sampler, "prompt": options.prompt,
+            "threads": options.threads, "seed": options.seed, "sampler": options.sampler,
+            "scheduler": options.scheduler, "vae": options.vae, "prompt": options.prompt,
             "inference_precision": options.inference_precision}
 
 
@@ -257,7 +300,17 @@ def add_parser(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads for every system (0: default)")
     b.add_argument("--seed", type=int, default=1)
-    b.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}, or none")
+    b.add_argument("--sampler", default="Euler a", help='sdrt sampler name, e.g. "Euler a", "LCM" (default Euler a)')
+    b.add_argument("--scheduler", help="schedule type: automatic, karras or sgm_uniform (diffusers' trailing "
+                                       "timestep spacing, SD-Turbo's); default automatic")
+    b.add_argument("--vae", choices=VAES, default="full",
+                   help="tiny: decode with the export's tiny autoencoder (sdrt export --tiny-vae)")
+    b.add_argument("--tiny-vae-source", type=Path, metavar="DIR",
+                   help="--vae tiny: the AutoencoderTiny folder the peers decode with (the one the export used)")
+    b.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                   help=f"comma list of {', '.join(PEERS)}, or none (default: {','.join(DEFAULT_PEERS)})")
+    b.add_argument("--int8-samples", type=int, default=50, metavar="N",
+                   help="optimum-intel-int8: UNet calls to calibrate on (its loop: 50 steps per prompt)")
     b.add_argument("--peer-python", action="append", default=[], metavar="PEER=PYTHON",
                    help="run a peer with another environment's Python, e.g. optimum-intel=/venv/bin/python")
     b.add_argument("--source", type=Path, help="diffusers folder for the peers (default: the export's source)")
@@ -281,7 +334,9 @@ def _bench(args) -> int:
                            runs=args.runs, warmup=args.warmup, threads=args.threads, peers=peers,
                            json=args.json, markdown=args.markdown, chart=args.chart, interpreters=dict(pairs),
                            source=args.source, seed=args.seed, timeout=args.timeout,
-                           inference_precision=args.inference_precision)
+                           inference_precision=args.inference_precision, sampler=args.sampler,
+                           scheduler=args.scheduler, vae=args.vae, tiny_vae_source=args.tiny_vae_source,
+                           int8_samples=args.int8_samples)
     results = run(args.model, options)
     print(results["markdown"])
     if not any(s.get("status") == "ok" for s in results["systems"] if s.get("kind") == "sdrt"):
@@ -300,4 +355,4 @@ def _size(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
-__all__ = ["BenchOptions", "run", "add_parser", "PEERS"]
+__all__ = ["BenchOptions", "run", "add_parser", "PEERS", "DEFAULT_PEERS"]

@@ -2,22 +2,30 @@
 
 This is the one module outside ``sdrt/exporters`` allowed to import torch, diffusers and optimum, and only
 the worker subprocess imports it: nothing in the package's run path does, so a runtime-only install stays
-torch-free. Every peer here is a diffusers ``StableDiffusionPipeline`` (Optimum's pipelines subclass it and
-put their compiled parts where the torch modules were), so one harness times them all:
+torch-free. Every peer here is a diffusers ``StableDiffusionPipeline`` or, for an SDXL export (the spec's
+``family``), ``StableDiffusionXLPipeline`` (Optimum's pipelines subclass them and put their compiled parts
+where the torch modules were), so one harness times them all:
 
 - ``diffusers``: the torch fp32 pipeline, ``torch.set_num_threads(threads)``.
-- ``optimum-intel``: ``OVStableDiffusionPipeline`` on OpenVINO CPU, dynamic shapes.
-- ``optimum-intel-static``: the same IR statically reshaped with ``.reshape(batch, height, width, 1)``.
-- ``optimum-onnxruntime``: Optimum's ``ORTStableDiffusionPipeline`` on the CPU execution provider.
+- ``optimum-intel``: ``OVStableDiffusion(XL)Pipeline`` on OpenVINO CPU, dynamic shapes.
+- ``optimum-intel-static``: the same IR statically reshaped with ``.reshape(batch, height, width, 1)`` (the
+  UNet at batch 1 when guidance <= 1: optimum-intel's reshape assumes CFG's two rows).
+- ``optimum-intel-int8``, ``optimum-intel-int8-static``: the IR with optimum-intel's hybrid quantization
+  (``OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=PROMPTS, num_samples=N)``: int8
+  weights everywhere, the UNet's activations too, calibrated by its own loop over the prompt list, no
+  dataset download), dynamic and static.
+- ``optimum-onnxruntime``: Optimum's ``ORTStableDiffusion(XL)Pipeline`` on the CPU execution provider.
 
 The Optimum peers convert the diffusers folder once (``export``, in its own process, so its memory does
 not count against the peer) into ``cache_dir`` and load from there, as sdrt loads its own export.
-All use the sampler named in the spec (``Euler a`` -> ``EulerAncestralDiscreteScheduler``), the spec's size,
-steps, guidance and seed with a CPU ``torch.Generator``.
+All use the diffusers scheduler the spec names (``scheduler_class``, resolved from sdrt's sampler and
+schedule names by the harness), the spec's size, steps, guidance and seed with a CPU ``torch.Generator``.
+With ``tiny_vae_source`` (``--vae tiny``) they decode with that AutoencoderTiny: diffusers in torch,
+Optimum-Intel with its decoder converted to OpenVINO at the same settings as the pipeline.
 
-Per component: the text encoder, UNet and VAE decoder are timed by wrapping the pipeline's parts during the
-end-to-end runs (the text encoder is called twice per image, prompt and negative prompt); the VAE encoder,
-which txt2img does not use, by calling ``pipe.vae.encode`` directly.
+Per component: the text encoders, UNet and VAE decoder are timed by wrapping the pipeline's parts during the
+end-to-end runs (the text encoder is called twice per image with CFG, prompt and negative prompt); the VAE
+encoder, which txt2img does not use, by calling the full VAE's ``encode`` directly.
 """
 from __future__ import annotations
 
@@ -41,12 +49,22 @@ REQUIRES = {"diffusers": (("torch", "diffusers"), "pip install -c constraints.tx
                                     'pip install -c constraints.txt "optimum-onnx[onnxruntime]"')}
 SCHEDULERS = {"Euler a": "EulerAncestralDiscreteScheduler", "Euler": "EulerDiscreteScheduler",
               "DDIM": "DDIMScheduler", "DPM++ 2M": "DPMSolverMultistepScheduler", "LMS": "LMSDiscreteScheduler"}
+# (diffusers, Optimum-Intel, Optimum ONNX Runtime) pipeline class names per model family
+# (the export's ``family``; the SDXL refiner is img2img only, not a txt2img peer)
+_SD = ("StableDiffusionPipeline", "OVStableDiffusionPipeline", "ORTStableDiffusionPipeline")
+PIPELINES = {"sd1": _SD, "sd2": _SD, "sdxl": ("StableDiffusionXLPipeline", "OVStableDiffusionXLPipeline",
+                                               "ORTStableDiffusionXLPipeline")}
 VERSIONS = ("torch", "diffusers", "transformers", "optimum", "optimum-intel", "optimum-onnx", "openvino",
             "onnxruntime")
 
 
 def family(peer: str) -> str:
-    """The package family of a peer: ``optimum-intel-static`` runs optimum-intel's export."""
+    """The package family of a peer: ``optimum-intel-static`` and ``optimum-intel-int8`` run optimum-intel."""
+    return "optimum-intel" if peer.startswith("optimum-intel") else peer
+
+
+def conversion(peer: str) -> str:
+    """The cached conversion a peer loads: the static peers share their dynamic peer's."""
     return peer.removesuffix("-static")
 
 
@@ -72,33 +90,46 @@ def measure(spec: dict) -> dict:
     import torch
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    cls = pipeline_class(peer)                      # imported before the clock starts, as sdrt is
+    if spec.get("tiny_vae_source") and family(peer) == "optimum-onnxruntime":
+        return {"status": "skipped", "error": "--vae tiny is not wired for the Optimum ONNX Runtime peer"}
+    cls = pipeline_class(peer, spec.get("family", "sd1"))    # imported before the clock starts, as sdrt is
     began = time.perf_counter()
     pipe = load(cls, spec)
+    full_vae = pipe.vae
+    if spec.get("tiny_vae_source"):
+        pipe.vae = tiny_vae(spec)
     load_s = time.perf_counter() - began
-    scheduler = use_sampler(pipe, spec["sampler"])
+    scheduler = use_sampler(pipe, spec)
+    decoder = "vae_decoder_tiny" if spec.get("tiny_vae_source") else "vae_decoder"
     with torch.inference_mode():
-        e2e, inside = end_to_end(pipe, spec)
-        encode = vae_encode(pipe, spec)
+        e2e, inside = end_to_end(pipe, spec, decoder)
+        encode = vae_encode(full_vae, spec)
     components = {"text_encoder": _per_run(inside, "text_encoder", 1),
                   "unet_step": _per_run(inside, "unet", spec["steps"]),
-                  "vae_decoder": _per_run(inside, "vae_decoder", spec["batch"])}
+                  decoder: _per_run(inside, decoder, spec["batch"])}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        components["text_encoder_2"] = _per_run(inside, "text_encoder_2", 1)
     if encode is not None:
         components["vae_encoder"] = encode
-    e2e["inside_s"] = {k: statistics.median(r[k] for r in inside) for k in inside[0]}
+    e2e["inside_s"] = {k: statistics.median(r.get(k, 0.0) for r in inside) for k in inside[0]}
     return {"load_s": load_s, "components": components, "e2e": e2e, "scheduler": scheduler,
             "precision": precision(pipe), "versions": versions(*VERSIONS)}
 
 
-def pipeline_class(peer: str):
+def pipeline_class(peer: str, model_family: str = "sd1"):
+    """The peer's pipeline class for an export of ``model_family`` (``sd1``, ``sd2``, ``sdxl``)."""
+    names = PIPELINES.get(model_family)
+    if names is None:
+        raise ValueError(f"no txt2img peer pipeline for the model family {model_family!r}; "
+                         f"peers run {', '.join(PIPELINES)}")
     if peer == "diffusers":
-        from diffusers import StableDiffusionPipeline
-        return StableDiffusionPipeline
+        import diffusers
+        return getattr(diffusers, names[0])
     if family(peer) == "optimum-intel":
-        from optimum.intel import OVStableDiffusionPipeline
-        return OVStableDiffusionPipeline
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
-    return ORTStableDiffusionPipeline
+        import optimum.intel
+        return getattr(optimum.intel, names[1])
+    import optimum.onnxruntime
+    return getattr(optimum.onnxruntime, names[2])
 
 
 def load(cls, spec: dict):
@@ -116,6 +147,8 @@ def load(cls, spec: dict):
         if peer.endswith("-static"):
             pipe.reshape(batch_size=spec["batch"], height=spec["height"], width=spec["width"],
                          num_images_per_prompt=1)
+            if spec["guidance"] <= 1.0:
+                unbatch_unet(pipe, spec["batch"])
         pipe.compile()
     else:
         import onnxruntime
@@ -136,22 +169,71 @@ def precision(pipe) -> str:
     return str(getattr(pipe.unet, "dtype", "float32")).replace("torch.", "")
 
 
-def use_sampler(pipe, sampler: str) -> str:
-    """Switch to the diffusers scheduler matching sdrt's sampler name; returns the class name used."""
-    name = SCHEDULERS.get(sampler)
+def unbatch_unet(pipe, batch: int) -> None:
+    """After optimum-intel's static ``reshape`` (which gives the UNet CFG's 2 x batch rows unless it takes
+    ``timestep_cond``): the UNet at ``batch`` rows, as diffusers runs it with guidance <= 1."""
+    model = pipe.unet.model
+    shapes = {}
+    for tensor in model.inputs:
+        shape = tensor.get_partial_shape()
+        if tensor.get_any_name() != "timestep" and shape.rank.get_length() >= 1:
+            shape[0] = batch
+        shapes[tensor] = shape
+    model.reshape(shapes)
+
+
+def tiny_vae(spec: dict):
+    """The AutoencoderTiny of ``tiny_vae_source`` in torch fp32; for Optimum-Intel its decoder converted to
+    OpenVINO and compiled as the pipeline's parts are (threads, inference precision)."""
+    import torch
+    from diffusers import AutoencoderTiny
+    vae = AutoencoderTiny.from_pretrained(spec["tiny_vae_source"], torch_dtype=torch.float32).eval()
+    if family(spec["peer"]) == "optimum-intel":
+        import openvino
+        OpenVINOModule = _openvino_module()     # noqa: N806 - a torch class, made once torch is imported
+        latents = torch.zeros(1, vae.config.latent_channels, spec["height"] // 8, spec["width"] // 8)
+        model = openvino.convert_model(vae.decoder, example_input=latents)
+        config = {"INFERENCE_NUM_THREADS": spec["threads"]} if spec["threads"] else {}
+        if spec.get("inference_precision"):
+            config["INFERENCE_PRECISION_HINT"] = spec["inference_precision"]
+        vae.decoder = OpenVINOModule(openvino.Core().compile_model(model, "CPU", config))
+    return vae
+
+
+def _openvino_module():
+    import torch
+
+    class OpenVINOModule(torch.nn.Module):
+        """A compiled OpenVINO model standing in for a torch module of one tensor in, one out."""
+
+        def __init__(self, compiled):
+            super().__init__()
+            self.compiled = compiled
+
+        def forward(self, x):
+            return torch.from_numpy(self.compiled(x.numpy())[0].copy())
+    return OpenVINOModule
+
+
+def use_sampler(pipe, spec: dict) -> str:
+    """Switch to the diffusers scheduler the harness resolved from sdrt's sampler and schedule names
+    (``scheduler_class``: [class name, config overrides]); returns the class name used."""
+    name, overrides = spec.get("scheduler_class") or (SCHEDULERS.get(spec["sampler"]), {})
     if name is not None:
         import diffusers
-        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
     return type(pipe.scheduler).__name__
 
 
-def end_to_end(pipe, spec: dict) -> tuple[dict, list[dict]]:
+def end_to_end(pipe, spec: dict, decoder: str = "vae_decoder") -> tuple[dict, list[dict]]:
     """txt2img timed as a whole; the seconds inside each part, per measured run."""
     import torch
     clock: dict[str, float] = defaultdict(float)
     _watch(pipe.text_encoder, "forward", "text_encoder", clock)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        _watch(pipe.text_encoder_2, "forward", "text_encoder_2", clock)
     _watch(pipe.unet, "forward", "unet", clock)
-    _watch(pipe.vae, "decode", "vae_decoder", clock)
+    _watch(pipe.vae, "decode", decoder, clock)
     inside = []
 
     def generate():
@@ -164,13 +246,13 @@ def end_to_end(pipe, spec: dict) -> tuple[dict, list[dict]]:
     return e2e, inside[spec["warmup"]:]
 
 
-def vae_encode(pipe, spec: dict) -> dict | None:
-    """One image through ``pipe.vae.encode``, warm-up then median; None when the peer has no VAE encoder."""
+def vae_encode(vae, spec: dict) -> dict | None:
+    """One image through ``vae.encode``, warm-up then median; None when the peer has no VAE encoder."""
     import torch
-    if getattr(pipe.vae, "encoder", None) is None:
+    if getattr(vae, "encoder", None) is None:
         return None
     x = torch.randn((1, 3, spec["height"], spec["width"]), generator=torch.Generator("cpu").manual_seed(0))
-    return {**timed(lambda: pipe.vae.encode(x), spec["runs"], spec["warmup"]), "batch": 1}
+    return {**timed(lambda: vae.encode(x), spec["runs"], spec["warmup"]), "batch": 1}
 
 
 def _watch(obj, attr: str, label: str, clock: dict) -> None:
@@ -193,26 +275,33 @@ def _per_run(inside: list[dict], key: str, per: int) -> dict:
 
 
 def export(spec: dict) -> dict:
-    """Convert the diffusers folder for an Optimum peer into ``cache_dir`` once; reuse it afterwards."""
-    fam = family(spec["peer"])
+    """Convert the diffusers folder for an Optimum peer into ``cache_dir`` once; reuse it afterwards. The hybrid
+    int8 conversion calibrates on the spec's ``calibration_prompts`` (``int8_samples`` UNet calls)."""
+    fam, name = family(spec["peer"]), conversion(spec["peer"])
     package = {"optimum-intel": "optimum-intel", "optimum-onnxruntime": "optimum-onnx"}[fam]
     source = Path(spec["source"]).resolve()
     stamp = f"{source}:{(source / 'model_index.json').stat().st_mtime_ns}"
-    key = f"{fam}-{metadata.version(package)}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+    int8 = name.endswith("-int8")
+    if int8:
+        stamp += f":{spec['int8_samples']}:" + "\n".join(spec["calibration_prompts"])
+        name += f"-n{spec['int8_samples']}"
+    key = f"{name}-{metadata.version(package)}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
     target = Path(spec["cache_dir"]) / key
     if (target / "model_index.json").is_file():
         return {"model_dir": str(target), "export_s": None, "versions": versions(*VERSIONS)}
     target.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{key}-") as tmp:
-        if fam == "optimum-intel":
-            from optimum.intel import OVStableDiffusionPipeline
-            pipe = OVStableDiffusionPipeline.from_pretrained(str(source), export=True, compile=False,
-                                                             load_in_8bit=False)
+        cls = pipeline_class(spec["peer"], spec.get("family", "sd1"))
+        if int8:
+            from optimum.intel import OVWeightQuantizationConfig
+            config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=spec["calibration_prompts"],
+                                                num_samples=spec["int8_samples"])
+            pipe = cls.from_pretrained(str(source), export=True, compile=False, quantization_config=config)
+        elif fam == "optimum-intel":
+            pipe = cls.from_pretrained(str(source), export=True, compile=False, load_in_8bit=False)
         else:
-            from optimum.onnxruntime import ORTStableDiffusionPipeline
-            pipe = ORTStableDiffusionPipeline.from_pretrained(str(legacy_tokenizer(source, Path(tmp))),
-                                                              export=True)
+            pipe = cls.from_pretrained(str(legacy_tokenizer(source, Path(tmp))), export=True)
         staged = Path(tmp) / uuid.uuid4().hex
         pipe.save_pretrained(staged)
         try:

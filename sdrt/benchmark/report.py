@@ -9,6 +9,8 @@ from pathlib import Path
 PACKAGES = ("sdrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers", "optimum",
             "optimum-intel", "optimum-onnx", "matplotlib")
 COLUMNS = ("load s", "text enc ms", "UNet step s", "VAE dec s", "VAE enc s", "e2e s", "peak RSS GB")
+# columns shown only when some system measured them: SDXL's second text encoder, the tiny autoencoder's decoder
+OPTIONAL = {"text enc 2 ms": ("text_encoder_2", 1000.0, "{:.0f}"), "TAESD dec s": ("vae_decoder_tiny", 1.0, "{:.3f}")}
 
 
 def machine() -> dict:
@@ -47,46 +49,66 @@ def ratios(systems: list[dict]) -> dict[str, dict[str, float]]:
     return {name: {p: ok[p] / e2e for p in peers if p != name} for name, e2e in ok.items()}
 
 
-def row(system: dict) -> list[str]:
-    """The table cells of one measured system, in COLUMNS order; '–' where not measured."""
+def row(system: dict, optional: tuple[str, ...] = ()) -> list[str]:
+    """The table cells of one measured system, in COLUMNS order then the ``optional`` columns; '–' where not
+    measured."""
     c = system.get("components", {})
 
     def sec(key, scale=1.0, fmt="{:.2f}"):
         return fmt.format(c[key]["median_s"] * scale) if key in c else "–"
     return [f"{system['load_s']:.2f}", sec("text_encoder", 1000.0, "{:.0f}"), sec("unet_step", fmt="{:.3f}"),
             sec("vae_decoder"), sec("vae_encoder"), f"{system['e2e']['median_s']:.2f}",
-            f"{system['peak_rss_bytes'] / 2**30:.2f}"]
+            f"{system['peak_rss_bytes'] / 2**30:.2f}", *(sec(*OPTIONAL[name]) for name in optional)]
+
+
+def optional_columns(systems: list[dict]) -> tuple[str, ...]:
+    """The OPTIONAL columns some measured system has a figure for."""
+    return tuple(name for name, (key, *_) in OPTIONAL.items()
+                 if any(key in s.get("components", {}) for s in systems if s.get("status") == "ok"))
 
 
 def markdown(results: dict) -> str:
     """A heading with the settings, one table row per system with the ratios against each peer, and notes."""
     s, systems, ratio = results["settings"], results["systems"], results["ratios"]
     peers = [x["name"] for x in systems if x.get("kind") == "peer" and x.get("status") == "ok"]
-    head = ["system", *COLUMNS, *(f"vs {p}" for p in peers)]
-    lines = [f"{Path(s['source']).name or s['folder']}: {s['width']}x{s['height']}, {s['steps']} steps, "
-             f"{s['sampler']}, CFG {s['guidance']:g}, batch {s['batch']}, {s['threads'] or 'default'} threads, "
+    optional = optional_columns(systems)
+    head = ["system", *COLUMNS, *optional, *(f"vs {p}" for p in peers)]
+    schedule = f" ({s['scheduler']})" if s.get("scheduler") else ""
+    vae = ", tiny VAE (TAESD)" if s.get("vae") == "tiny" else ""
+    lines = [f"{Path(s['source']).name or s['folder']} ({s.get('family', 'sd1')}): {s['width']}x{s['height']}, "
+             f"{s['steps']} steps, {s['sampler']}{schedule}, CFG {s['guidance']:g}{vae}, batch {s['batch']}, "
+             f"{s['threads'] or 'default'} threads, "
              f"median of {s['runs']} runs after {s['warmup']} warm-up; {results['machine']['cpu']}, "
              f"{results['machine']['logical_cores']} cores", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for system in systems:
         if system.get("status") == "ok":
-            cells = row(system) + [f"{ratio[system['name']][p]:.2f}×" if p != system["name"] else "1×"
+            cells = row(system, optional) + [f"{ratio[system['name']][p]:.2f}×" if p != system["name"] else "1×"
                                    for p in peers]
         else:
             cells = [f"{system.get('status', 'failed')}: {system.get('error', '')}".replace("|", "/")]
             cells += [""] * (len(head) - 2)
         lines.append("| " + " | ".join([system["name"], *cells]) + " |")
-    return "\n".join(lines + [""] + _notes(systems)) + "\n"
+    return "\n".join(lines + [""] + _notes(systems, s)) + "\n"
 
 
-def _notes(systems: list[dict]) -> list[str]:
+def _notes(systems: list[dict], settings: dict | None = None) -> list[str]:
+    unet = {s["components"]["unet_step"].get("batch") for s in systems
+            if s.get("kind") == "sdrt" and "unet_step" in s.get("components", {})}
+    unet = "/".join(str(b) for b in sorted(unet - {None})) or "2"
     notes = ["vs P: P's end-to-end time ÷ this row's (above 1: this row is faster). e2e: txt2img, prompt "
              "to PIL image. load: the system's first load and compile of the model. peak RSS: the system's "
              "own process.",
-             "sdrt rows: each component called directly with the shapes the pipeline uses (text encoder: one "
-             "77-token chunk, called once for the prompt and once for the negative prompt; UNet: batch 2; VAE: "
-             "one image). Peer rows: time spent inside each part during the end-to-end runs (text encoder: its "
-             "two batch-1 calls; UNet: per step), VAE encode called directly."]
+             "sdrt rows: each component called directly with the shapes the pipeline uses (text encoders: one "
+             f"77-token chunk each; UNet: batch {unet}, i.e. [uncond; cond] rows only with guidance > 1; VAE and "
+             "TAESD: one image). Peer rows: time spent inside each part during the end-to-end runs (text "
+             "encoders: all their calls of one image, prompt and negative prompt; UNet: per step), VAE encode "
+             "called directly."]
+    if settings and settings.get("vae") == "tiny":
+        notes.append("--vae tiny: every system decodes with the tiny autoencoder in e2e (sdrt: the export's "
+                     "vae_decoder_tiny; diffusers: AutoencoderTiny in torch; Optimum-Intel: the same AutoencoderTiny "
+                     "decoder converted to OpenVINO); the VAE dec column is the full decoder, called directly "
+                     "(sdrt) or not measured (peers).")
     exports = [f"{s['name']} {s['export_s']:.1f} s" for s in systems if s.get("export_s")]
     if exports:
         notes.append("One-time conversion of the diffusers folder before loading (not in load): "

@@ -6,7 +6,8 @@ stderr; stdout carries only the result.
 
 A spec names either an sdrt runtime (``{"kind": "sdrt", "runtime": "onnxruntime", "precision": "fp32", ...}``)
 or a peer (``{"kind": "peer", "peer": "diffusers", ...}``, measured by :mod:`sdrt.benchmark.peers`), plus the
-shared settings (folder, width, height, steps, guidance, batch, runs, warmup, threads, seed, prompt, sampler).
+shared settings (folder, width, height, steps, guidance, batch, runs, warmup, threads, seed, prompt, sampler,
+scheduler, vae).
 """
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ def measure_sdrt(spec: dict) -> dict:
                      threads=spec["threads"], progress=False, **options)
     load_s = time.perf_counter() - began
     feeds = component_feeds(pipe.models, spec)
-    calls = {"text_encoder": "text_encoder", "unet_step": "unet", "vae_decoder": "vae_decoder",
-             "vae_encoder": "vae_encoder"}
+    calls = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet_step": "unet",
+             "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder", "vae_decoder_tiny": "vae_decoder_tiny"}
     components = {}
     for label, attr in calls.items():
         runtime = getattr(pipe.models, attr)
-        if runtime is not None:
+        if runtime is not None and attr in feeds:
             components[label] = {**timed(lambda: runtime.run(feeds[attr]), spec["runs"], spec["warmup"]),
                                  "batch": len(next(iter(feeds[attr].values())))}
     results = []
@@ -78,7 +79,8 @@ def measure_sdrt(spec: dict) -> dict:
     def generate():
         results.append(pipe.txt2img(spec["prompt"], width=spec["width"], height=spec["height"],
                                     steps=spec["steps"], guidance_scale=spec["guidance"],
-                                    sampler=spec["sampler"], seed=spec["seed"], batch_size=spec["batch"]))
+                                    sampler=spec["sampler"], scheduler=spec.get("scheduler"),
+                                    vae=spec.get("vae", "full"), seed=spec["seed"], batch_size=spec["batch"]))
     e2e = timed(generate, spec["runs"], spec["warmup"])
     measured = results[spec["warmup"]:]
     e2e["inside_s"] = {k: statistics.median(r.timings[k] for r in measured) for k in measured[0].timings
@@ -90,21 +92,27 @@ def measure_sdrt(spec: dict) -> dict:
 
 
 def component_feeds(models, spec: dict) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs of the shapes the pipeline feeds for one request: the text encoder one 77-token chunk, the
-    UNet at batch 2 with guidance ([uncond; cond]), the VAE one image at a time."""
+    """Inputs of the shapes the pipeline feeds for one request: each text encoder one 77-token chunk, the
+    UNet at batch 2 with guidance > 1 ([uncond; cond]; batch 1 at guidance <= 1 and for an LCM UNet, whose
+    guidance is an embedding), with SDXL's pooled text embeddings and size time ids, the VAEs (full and tiny)
+    one image at a time."""
     rng = np.random.default_rng(0)
     arch = models.arch
     guided = spec["guidance"] > 1.0 and not arch.get("time_cond_proj_dim")     # an LCM UNet: no CFG batch
     dims = dict(B=(2 if guided else 1) * spec["batch"], H=spec["height"], W=spec["width"],
                 C=arch["latent_channels"], CI=arch.get("unet_in_channels", arch["latent_channels"]),
                 D=arch["cross_attention_dim"], S=arch.get("model_max_length", 77),
-                TC=arch.get("time_cond_proj_dim") or 1)
-    feeds = {"text_encoder": {"input_ids": models.tokenizer([spec["prompt"]])},
-             "unet": models.unet.spec.sample(rng, **dims),
+                TC=arch.get("time_cond_proj_dim") or 1, P=arch.get("text_embeds_dim", 1), T=arch.get("time_ids", 6))
+    feeds = {"unet": models.unet.spec.sample(rng, **dims),
              "vae_decoder": models.vae_decoder.spec.sample(rng, **{**dims, "B": 1})}
     feeds["unet"]["timestep"] = np.full(dims["B"], 500.0, dtype=np.float32)
-    if models.vae_encoder is not None:
-        feeds["vae_encoder"] = models.vae_encoder.spec.sample(rng, **{**dims, "B": 1})
+    for attr, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if getattr(models, attr, None) is not None:
+            feeds[attr] = {"input_ids": getattr(models, tokenizer)([spec["prompt"]])}
+    for attr in ("vae_encoder", "vae_decoder_tiny"):
+        runtime = getattr(models, attr, None)
+        if runtime is not None:
+            feeds[attr] = runtime.spec.sample(rng, **{**dims, "B": 1})
     return feeds
 
 
