@@ -120,12 +120,16 @@ def run(folder: str | Path, options: BenchOptions = BenchOptions()) -> dict:
                              f"`sdrt export MODEL OUT --tiny-vae madebyollin/taesd` (taesdxl for SDXL)")
     settings = _settings(folder, manifest, options)
     jobs = _sdrt_jobs(folder, manifest, options) + _peer_jobs(folder, settings, options)
-    systems = []
-    with _bar(len(jobs), options.progress) as bar:
+    systems, images = [], []
+    with _bar(len(jobs), options.progress) as bar, tempfile.TemporaryDirectory(prefix="sdrt-bench-") as pictures:
         for name, spec, python in jobs:
             bar.set_postfix_str(name)
+            images.append(str(Path(pictures) / f"{len(images)}.png"))
+            if spec is not None and "status" not in spec:
+                spec = {**spec, "image_out": images[-1]}
             systems.append(measure(name, spec, python, settings, options))
             bar.update(1)
+        compare_images(systems, images)
     results = {"settings": settings, "machine": report.machine(), "systems": systems}
     results["ratios"] = report.ratios(systems)
     results["markdown"] = report.markdown(results)
@@ -149,6 +153,25 @@ def measure(name: str, spec: dict | None, python: str, settings: dict, options: 
     result = _worker(spec, python, options.timeout)
     return {"name": name, "kind": spec["kind"], **extra, **result, "wall_s": time.perf_counter() - began,
             "loadavg_1min": [load_before, os.getloadavg()[0]]}
+
+
+def compare_images(systems: list[dict], paths: list[str | None]) -> None:
+    """Each system's last image against the first measured sdrt system's (same model, settings and seed, so
+    a peer running what sdrt runs differs by precision only): ``image_diff`` = mean and max |difference| in
+    0-255 pixel values, and that reference's name."""
+    import numpy as np
+    from PIL import Image
+
+    def pixels(path):
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) if path and Path(path).is_file() else None
+    found = [(s, pixels(p)) for s, p in zip(systems, paths) if s.get("status") == "ok"]
+    reference = next(((s, a) for s, a in found if s.get("kind") == "sdrt" and a is not None), None)
+    if reference is None:
+        return
+    for system, image in found:
+        if image is not None and image.shape == reference[1].shape:
+            diff = np.abs(image - reference[1])
+            system["image_diff"] = {"vs": reference[0]["name"], "mean": float(diff.mean()), "max": int(diff.max())}
 
 
 def _settings(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> dict:

@@ -117,6 +117,12 @@ def _notes(systems: list[dict], settings: dict | None = None) -> list[str]:
     if peers:
         notes.append("Peers: " + "; ".join(f"{s['name']} {s.get('scheduler', '?')}, computes in "
                                            f"{s.get('precision', '?')}" for s in peers) + ".")
+    diffs = [f"{s['name']} {s['image_diff']['mean']:.1f} (max {s['image_diff']['max']})" for s in systems
+             if s.get("image_diff") and s["name"] != s["image_diff"]["vs"]]
+    if diffs:
+        reference = next(s["image_diff"]["vs"] for s in systems if s.get("image_diff"))
+        notes.append(f"Same image? Mean |pixel difference| (0-255) of each system's last image from {reference}'s: "
+                     + "; ".join(diffs) + " (near 0: the same computation; a few units: another precision).")
     computes = [f"{s['name']} in {s['precision']}" for s in systems
                 if s.get("kind") == "sdrt" and s.get("status") == "ok" and s.get("precision")]
     if computes:

@@ -83,6 +83,8 @@ def measure_sdrt(spec: dict) -> dict:
                                     vae=spec.get("vae", "full"), seed=spec["seed"], batch_size=spec["batch"]))
     e2e = timed(generate, spec["runs"], spec["warmup"])
     measured = results[spec["warmup"]:]
+    if spec.get("image_out"):
+        measured[-1].images[0].save(spec["image_out"])
     e2e["inside_s"] = {k: statistics.median(r.timings[k] for r in measured) for k in measured[0].timings
                        if k != "total"}
     computes = getattr(pipe.models.unet.inner, "inference_precision", None)
