@@ -1,4 +1,6 @@
-"""``sdrt bench``: a quick run on the tiny export (sdrt ONNX Runtime + the diffusers peer) and its outputs."""
+"""``sdrt bench``: quick runs on the tiny exports (sdrt ONNX Runtime + the diffusers peer, the reference whose image
+sdrt's must equal) and their outputs: SD 1.x, SDXL, and SD-Turbo-style settings with the tiny autoencoder.
+The Optimum peers need their own environments (--peer-python) and are not run here."""
 from __future__ import annotations
 
 import json
@@ -90,3 +92,67 @@ def test_worker_output_is_one_json_line(tiny_export):
                          check=True, text=True).stdout
     result = json.loads(out)
     assert out.count("\n") == 1 and result["status"] == "ok" and not result["torch_imported"]
+
+
+# -- SDXL and few-step settings: every system runs what sdrt runs (its image equals diffusers') ------------
+
+@pytest.fixture(scope="module")
+def xl_export(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from sdrt.exporters import ExportOptions, export
+    from sdrt.exporters.random_model import build_random_model
+    model = build_random_model(tmp_path_factory.mktemp("bench_sdxl") / "model", "tiny-sdxl", seed=4)
+    out = tmp_path_factory.mktemp("bench_sdxl") / "sdrt"
+    export(str(model), out, ExportOptions(check_parity=False), progress=False)
+    return out
+
+
+def test_sdxl_components_and_the_diffusers_sdxl_peer(xl_export):
+    options = BenchOptions(runtimes=("onnxruntime",), size=(64, 64), steps=1, runs=1, warmup=0, threads=2,
+                           peers=("diffusers",), progress=False)
+    data = run(xl_export, options)
+    assert data["settings"]["family"] == "sdxl"
+    systems = {s["name"]: s for s in data["systems"]}
+    ours, peer = systems[SDRT], systems["diffusers"]
+    assert ours["status"] == "ok" and peer["status"] == "ok", data["systems"]
+    for system in (ours, peer):
+        for part in ("text_encoder", "text_encoder_2", "unet_step", "vae_decoder", "vae_encoder"):
+            assert system["components"][part]["median_s"] > 0, (system["name"], part)
+    assert ours["components"]["unet_step"]["batch"] == 2
+    assert set(ours["e2e"]["inside_s"]) >= {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    # StableDiffusionXLPipeline (no negative prompt: zeros, as sdrt's empty one) draws sdrt's image
+    assert peer["image_diff"]["vs"] == SDRT and peer["image_diff"]["max"] <= 2, peer["image_diff"]
+    assert "(sdxl)" in data["markdown"] and "text enc 2 ms" in data["markdown"]
+
+
+@pytest.fixture(scope="module")
+def taesd_export(tmp_path_factory, tiny_model_dir, tiny_taesd_dir):
+    from sdrt.exporters import ExportOptions, export
+    out = tmp_path_factory.mktemp("bench_taesd") / "sdrt"
+    export(str(tiny_model_dir), out, ExportOptions(tiny_vae=str(tiny_taesd_dir), check_parity=False),
+           progress=False)
+    return out
+
+
+def test_turbo_settings_tiny_vae_and_no_cfg(taesd_export, tiny_taesd_dir, tmp_path):
+    assert main([str(taesd_export), "--runtime", "onnxruntime", "--peers", "diffusers", "--size", "64",
+                 "--steps", "2", "--guidance", "0", "--sampler", "Euler a", "--scheduler", "sgm_uniform",
+                 "--vae", "tiny", "--tiny-vae-source", str(tiny_taesd_dir), "--runs", "1", "--warmup", "0",
+                 "--threads", "2", "--json", str(tmp_path / "b.json")]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["vae"] == "tiny" and data["settings"]["scheduler"] == "sgm_uniform"
+    systems = {s["name"]: s for s in data["systems"]}
+    ours, peer = systems[SDRT], systems["diffusers"]
+    assert ours["components"]["unet_step"]["batch"] == 1                  # guidance 0: no [uncond; cond]
+    assert ours["components"]["vae_decoder_tiny"]["median_s"] > 0
+    assert ours["e2e"]["inside_s"]["vae_decoder_tiny"] > 0 and ours["e2e"]["inside_s"]["vae_decoder"] == 0
+    assert peer["components"]["vae_decoder_tiny"]["median_s"] > 0 and "vae_decoder" not in peer["components"]
+    assert peer["scheduler"] == "EulerAncestralDiscreteScheduler"
+    # trailing spacing, one UNet row, AutoencoderTiny: diffusers draws sdrt's image
+    assert peer["image_diff"]["max"] <= 2, peer["image_diff"]
+
+
+def test_few_step_options_are_checked(tiny_export):
+    assert main([str(tiny_export), "--peers", "none", "--sampler", "Euler q"]) == 2
+    assert main([str(tiny_export), "--peers", "none", "--scheduler", "exponential"]) == 2
+    assert main([str(tiny_export), "--peers", "none", "--vae", "tiny"]) == 2     # exported without --tiny-vae
