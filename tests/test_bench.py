@@ -97,30 +97,31 @@ def test_worker_output_is_one_json_line(tiny_export):
 # -- SDXL and few-step settings: every system runs what sdrt runs (its image equals diffusers') ------------
 
 @pytest.fixture(scope="module")
-def xl_export(tmp_path_factory):
+def xl_export(tmp_path_factory, tiny_taesd_dir):
     pytest.importorskip("diffusers")
     from sdrt.exporters import ExportOptions, export
     from sdrt.exporters.random_model import build_random_model
     model = build_random_model(tmp_path_factory.mktemp("bench_sdxl") / "model", "tiny-sdxl", seed=4)
     out = tmp_path_factory.mktemp("bench_sdxl") / "sdrt"
-    export(str(model), out, ExportOptions(check_parity=False), progress=False)
+    export(str(model), out, ExportOptions(check_parity=False, tiny_vae=str(tiny_taesd_dir)), progress=False)
     return out
 
 
-def test_sdxl_components_and_the_diffusers_sdxl_peer(xl_export):
+def test_sdxl_components_and_the_diffusers_sdxl_peer(xl_export, tiny_taesd_dir):
     options = BenchOptions(runtimes=("onnxruntime",), size=(64, 64), steps=1, runs=1, warmup=0, threads=2,
-                           peers=("diffusers",), progress=False)
+                           peers=("diffusers",), vae="tiny", tiny_vae_source=tiny_taesd_dir, progress=False)
     data = run(xl_export, options)
     assert data["settings"]["family"] == "sdxl"
     systems = {s["name"]: s for s in data["systems"]}
     ours, peer = systems[SDRT], systems["diffusers"]
     assert ours["status"] == "ok" and peer["status"] == "ok", data["systems"]
     for system in (ours, peer):
-        for part in ("text_encoder", "text_encoder_2", "unet_step", "vae_decoder", "vae_encoder"):
+        for part in ("text_encoder", "text_encoder_2", "unet_step", "vae_decoder_tiny", "vae_encoder"):
             assert system["components"][part]["median_s"] > 0, (system["name"], part)
-    assert ours["components"]["unet_step"]["batch"] == 2
-    assert set(ours["e2e"]["inside_s"]) >= {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
-    # StableDiffusionXLPipeline (no negative prompt: zeros, as sdrt's empty one) draws sdrt's image
+    assert ours["components"]["unet_step"]["batch"] == 2 and ours["components"]["vae_decoder"]["median_s"] > 0
+    assert set(ours["e2e"]["inside_s"]) >= {"text_encoder", "text_encoder_2", "unet", "vae_decoder_tiny"}
+    # StableDiffusionXLPipeline (no negative prompt: zeros, as sdrt's empty one) with the AutoencoderTiny
+    # draws sdrt's image
     assert peer["image_diff"]["vs"] == SDRT and peer["image_diff"]["max"] <= 2, peer["image_diff"]
     assert "(sdxl)" in data["markdown"] and "text enc 2 ms" in data["markdown"]
 

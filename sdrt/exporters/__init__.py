@@ -151,11 +151,11 @@ def architecture_facts(model: Source) -> dict:
         model_max_length=min(tok.model_max_length, CLIP_LENGTH),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         inpaint=model.inpaint)
+    if model.tiny_vae is not None:                  # SDXL's too (taesdxl)
+        facts["tiny_vae_scaling_factor"] = model.tiny_vae.config.scaling_factor
     if model.sdxl:
         return facts | sdxl_facts(model)
-    return facts | dict(
-        family=model.detected.family, time_cond_proj_dim=unet.get("time_cond_proj_dim"),
-        **({"tiny_vae_scaling_factor": model.tiny_vae.config.scaling_factor} if model.tiny_vae is not None else {}))
+    return facts | dict(family=model.detected.family, time_cond_proj_dim=unet.get("time_cond_proj_dim"))
 
 
 def sdxl_facts(model: Source) -> dict:
