@@ -258,12 +258,14 @@ def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = Fal
     return out
 
 
-def build_random_tiny_vae(out: Path, seed: int = 0) -> Path:
+def build_random_tiny_vae(out: Path, seed: int = 0, full: bool = False) -> Path:
     """Write a small random-weight AutoencoderTiny (TAESD's structure: 8x down/upsampling, 4 latent channels,
-    scaling factor 1.0) to ``out``, for tests of ``sdrt export --tiny-vae``."""
+    scaling factor 1.0) to ``out``, for tests of ``sdrt export --tiny-vae``; ``full``: TAESD's (and TAESDXL's)
+    real widths and depths (diffusers' AutoencoderTiny defaults), for benchmarks."""
     torch.manual_seed(seed)
-    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    small = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    vae = AutoencoderTiny(latent_channels=4, **({} if full else small))
     with torch.no_grad():                       # fresh weights give latents near 0 and a black image: widen them
         vae.encoder.layers[-1].weight.mul_(10.0)
         vae.decoder.layers[-1].weight.mul_(6.0)
