@@ -191,7 +191,7 @@ def tiny_vae(spec: dict):
     vae = AutoencoderTiny.from_pretrained(spec["tiny_vae_source"], torch_dtype=torch.float32).eval()
     if family(spec["peer"]) == "optimum-intel":
         import openvino
-        OpenVINOModule = _openvino_module()     # noqa: N806 - a torch class, made once torch is imported
+        OpenVINOModule = _openvino_module()     # a torch class, made once torch is imported
         latents = torch.zeros(1, vae.config.latent_channels, spec["height"] // 8, spec["width"] // 8)
         model = openvino.convert_model(vae.decoder, example_input=latents)
         config = {"INFERENCE_NUM_THREADS": spec["threads"]} if spec["threads"] else {}
