@@ -154,3 +154,25 @@ def test_cli_generate(xl_pipe, xl_control_export, maps, tmp_path):
     expected = xl_pipe.txt2img(PROMPT, width=SIZE, height=SIZE, steps=3, seed=4,
                                control=[Control(image=maps["canny"], model="canny", scale=0.7)])
     assert (pixels(expected)[0] == np.asarray(Image.open(tmp_path / "out.png"))).all()
+
+
+def test_server_controlnet_unit(xl_pipe, xl_control_export, maps):
+    """sd-webui-controlnet's always-on script through the A1111 client (webuiapi) on the SDXL export: the image of
+    the Python API, the model found by its A1111-style name."""
+    webuiapi = pytest.importorskip("webuiapi")
+    pytest.importorskip("uvicorn")
+    from sdrt.server import ServerOptions, create_app
+
+    from ..server.test_server import load, running
+    options = ServerOptions(folders=(xl_control_export,), runtime="onnxruntime")
+    with running(create_app(options, load)) as port:
+        api = webuiapi.WebUIApi(port=port, sampler="Euler a", steps=3)
+        assert [t.split(" [")[0] for t in api.controlnet_model_list()] == ["canny", "depth"]
+        unit = webuiapi.ControlNetUnit(image=maps["depth"], module="none", model="diffusers_xl_depth_full",
+                                       weight=0.7, guidance_start=0.2, resize_mode="Just Resize")
+        r = api.txt2img(prompt=PROMPT, seed=12, width=SIZE, height=SIZE, steps=3, cfg_scale=7.0,
+                        controlnet_units=[unit], alwayson_scripts={})
+    expected = xl_pipe.txt2img(PROMPT, seed=12, width=SIZE, height=SIZE, steps=3, guidance_scale=7.0,
+                               control=[Control(image=maps["depth"], model="depth", scale=0.7, start=0.2,
+                                                resize_mode="Just Resize")])
+    assert np.array_equal(np.asarray(r.images[0].convert("RGB"), np.int16), pixels(expected)[0])
