@@ -56,10 +56,11 @@ def maps():
             "depth": Image.fromarray(lines)}
 
 
-def reference(xl_dir, xl_nets, names, sampler, seed, batch_size=1, **kwargs) -> np.ndarray:
+def reference(xl_dir, xl_nets, names, sampler, seed, batch_size=1, task="", **kwargs) -> np.ndarray:
     base = diffusers_pipe(xl_dir, "StableDiffusionXLPipeline")[0]
     nets = [diffusers.ControlNetModel.from_pretrained(xl_nets[n]) for n in names]
-    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(base, controlnet=nets[0] if len(nets) == 1 else nets)
+    cls = getattr(diffusers, f"StableDiffusionXLControlNet{task}Pipeline")
+    pipe = cls.from_pipe(base, controlnet=nets[0] if len(nets) == 1 else nets)
     cls, extra = samplers.DIFFUSERS_EQUIVALENT[sampler]
     pipe.scheduler = getattr(diffusers, cls).from_config(base.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -118,6 +119,23 @@ def test_guess_mode_batch_of_two(xl_pipe, xl_dir, xl_nets, maps):
     theirs = reference(xl_dir, xl_nets, ["depth"], "Euler a", 7, batch_size=2, image=maps["depth"], guess_mode=True,
                        controlnet_conditioning_scale=0.8)
     compare("sdxl controlnet[guess_mode batch 2]", ours, theirs)
+
+
+def test_img2img_and_inpaint(xl_pipe, xl_dir, xl_nets, maps):
+    rng = np.random.default_rng(5)
+    init = Image.fromarray(rng.integers(0, 256, (SIZE // 8, SIZE // 8, 3)).astype(np.uint8)).resize((SIZE, SIZE))
+    mask = Image.new("L", (SIZE, SIZE))
+    mask.paste(255, (8, 16, 40, 48))
+    unit = [Control(image=maps["canny"], model="canny")]
+    ours = xl_pipe.img2img(init, PROMPT, negative_prompt=NEGATIVE, strength=0.6, steps=STEPS, seed=11, control=unit)
+    theirs = reference(xl_dir, xl_nets, ["canny"], "Euler a", 11, task="Img2Img", image=init,
+                       control_image=maps["canny"], strength=0.6, controlnet_conditioning_scale=1.0)
+    compare("sdxl controlnet[img2img]", ours, theirs)
+    ours = xl_pipe.inpaint(init, mask, PROMPT, negative_prompt=NEGATIVE, strength=0.7, steps=STEPS, seed=13,
+                           control=unit)
+    theirs = reference(xl_dir, xl_nets, ["canny"], "Euler a", 13, task="Inpaint", image=init, mask_image=mask,
+                       control_image=maps["canny"], strength=0.7, controlnet_conditioning_scale=1.0)
+    compare("sdxl controlnet[inpaint4]", ours, theirs)
 
 
 def test_openvino_gives_the_onnxruntime_image(xl_pipe, xl_control_export, maps):
