@@ -194,3 +194,22 @@ def test_server_controlnet_unit(xl_pipe, xl_control_export, maps):
                                control=[Control(image=maps["depth"], model="depth", scale=0.7, start=0.2,
                                                 resize_mode="Just Resize")])
     assert np.array_equal(np.asarray(r.images[0].convert("RGB"), np.int16), pixels(expected)[0])
+
+
+def test_tensorrt_profiles_of_the_sdxl_control_graphs(xl_control_export):
+    """TensorRT builds (no GPU needed for the profiles): the SDXL ControlNets and residual UNet get their own specs,
+    text_embeds and time_ids rows as the UNet's, and every residual a ControlNet gives is what the UNet takes."""
+    from sdrt.runtimes import trt_build
+    from sdrt.runtimes.builds import BuildOptions
+    manifest = mf.read(xl_control_export)
+    options = BuildOptions(backend="tensorrt", static=(SIZE, SIZE), batch=2)
+    p = trt_build.settings(manifest, options, trt_build.Gpu(0, "NVIDIA H100 80GB HBM3", (9, 0)))["profiles"]
+    graphs = trt_build.graphs(manifest)
+    assert graphs["unet_control"][1].name == "unet_control_sdxl" and graphs["controlnet/canny"][1].name == \
+        "controlnet_sdxl"
+    for name in ("unet", "unet_control", "controlnet/canny", "controlnet/depth"):
+        assert p[name]["text_embeds"][0] == [4, 40] and p[name]["time_ids"][0] == [4, 6], name
+    net, unet = graphs["controlnet/canny"][1], graphs["unet_control"][1]
+    residuals = unet.inputs[len(specs.UNET_SDXL.inputs):]
+    assert [p["unet_control"][t.name] for t in residuals] == [[list(t.resolve(dict(B=4, H=SIZE, W=SIZE)))] * 3
+                                                              for t in net.outputs]
