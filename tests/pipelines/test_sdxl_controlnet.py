@@ -213,3 +213,34 @@ def test_tensorrt_profiles_of_the_sdxl_control_graphs(xl_control_export):
     residuals = unet.inputs[len(specs.UNET_SDXL.inputs):]
     assert [p["unet_control"][t.name] for t in residuals] == [[list(t.resolve(dict(B=4, H=SIZE, W=SIZE)))] * 3
                                                               for t in net.outputs]
+
+
+def test_controlnet_with_a_lora(xl_control_export, xl_dir, xl_nets, maps, tmp_path):
+    """The residual SDXL UNet follows the UNet's LoRAs (start 0.4: plain UNet first, residual UNet later): the image
+    of diffusers' SDXL ControlNet pipeline with the same PEFT LoRA."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    torch.manual_seed(0)
+    base.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
+                                     init_lora_weights="gaussian"), adapter_name="fox")
+    for name, p in base.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    base.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(base.unet, adapter_name="fox"),
+                           unet_lora_adapter_metadata=base.unet.peft_config["fox"].to_dict())
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(
+        base, controlnet=diffusers.ControlNetModel.from_pretrained(xl_nets["canny"]))
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt=NEGATIVE, image=maps["canny"], num_inference_steps=STEPS, guidance_scale=7.5,
+                   height=SIZE, width=SIZE, control_guidance_start=0.4, output_type="np",
+                   generator=[torch.Generator("cpu").manual_seed(14)]).images
+    theirs = (out * 255).round().astype(np.int16)
+    ours = sdrt.load(xl_control_export, runtime="onnxruntime", progress=False)
+    units = [Control(image=maps["canny"], model="canny", start=0.4)]
+    assert np.abs(pixels(generate(ours, units, sampler="Euler", seed=14)) - theirs).max() > 10   # the LoRA matters
+    ours.set_loras([(tmp_path / "pytorch_lora_weights.safetensors", 1.0)])
+    compare("sdxl controlnet[with LoRA]", generate(ours, units, sampler="Euler", seed=14), theirs)
