@@ -18,6 +18,7 @@ from torch import nn
 from .. import specs
 from ..errors import ExportError
 from ..manifest import Component
+from .families import read_checkpoint
 from .onnx import dims, export_onnx, parity
 from .weight_map import write_weight_map
 from .sources import HUB_ID, LOAD_ERRORS, SINGLE_FILE_SUFFIXES, Source, _first_line, _library_progress
@@ -95,6 +96,10 @@ def _from_single_file(path: Path, model: Source) -> ControlNetModel:
 
     ControlNets copy the encoder half of the UNet they were trained on and take 4-channel latents.
     """
+    if model.sdxl and any(k.split("label_emb.")[0] in ("", "control_model.") for k in read_checkpoint(path)[0]):
+        # diffusers 0.42's convert_controlnet_checkpoint drops SDXL's label_emb (the added embedding)
+        raise ExportError(f"{path}: SDXL ControlNet single files in the original (LDM) key layout are not supported "
+                          "yet; pass its diffusers version (a folder with config.json, or a hub id)")
     derived = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
     with tempfile.TemporaryDirectory(prefix="sdrt-controlnet-") as tmp:
         derived.save_config(tmp)

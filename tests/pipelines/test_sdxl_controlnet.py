@@ -161,6 +161,11 @@ def test_single_file_and_misfits(xl_dir, xl_nets, controlnet_dirs, tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ExportError, match="does not fit .*cross_attention_dim 32 vs 80.*addition_embed_type None"):
         load_controlnets((str(controlnet_dirs["canny"]),), source, progress=False)
+    ldm = {"control_model.label_emb.0.0.weight": torch.zeros(8, 88), "control_model.input_blocks.0.0.weight":
+           torch.zeros(32, 4, 3, 3)}                       # the original layout, which diffusers converts without SDXL's
+    save_file(ldm, tmp_path / "xl_ldm.safetensors")        # label_emb
+    with pytest.raises(ExportError, match="original .LDM. key layout are not supported yet; pass its diffusers"):
+        load_controlnets((str(tmp_path / "xl_ldm.safetensors"),), source, progress=False)
 
 
 def test_cli_generate(xl_pipe, xl_control_export, maps, tmp_path):
