@@ -157,6 +157,11 @@ def residuals(down: str, mid: str, layout: tuple[tuple[int, int], ...]) -> tuple
     return (*(tensor(f"{down}_{i}", c, f) for i, (c, f) in enumerate(layout[:-1])), tensor(mid, *layout[-1]))
 
 
+# the ControlNet graphs by spec name (a manifest's ``controlnets``/``unet_control``): SD 1.x/2.x, SDXL
+CONTROL_ADDED = {"controlnet": (), "controlnet_sdxl": SDXL_ADDED}
+CONTROL_BASES = {"unet_control": UNET, "unet_control_sdxl": UNET_SDXL}
+
+
 def controlnet(layout: tuple[tuple[int, int], ...], name: str = "controlnet") -> ComponentSpec:
     """A ControlNet: the UNet's inputs plus the control image (RGB in [0, 1]) and its scale -> residuals.
     ``controlnet_sdxl`` (an SDXL ControlNet, ``addition_embed_type`` "text_time") also takes SDXL's
@@ -181,11 +186,6 @@ def unet_control(layout: tuple[tuple[int, int], ...], name: str = "unet_control"
     return replace(base, name=name,
                    inputs=base.inputs + residuals("down_block_additional_residuals", "mid_block_additional_residual",
                                                   layout))
-
-
-# the ControlNet graphs by spec name (a manifest's ``controlnets``/``unet_control``): SD 1.x/2.x, SDXL
-CONTROL_ADDED = {"controlnet": (), "controlnet_sdxl": SDXL_ADDED}
-CONTROL_BASES = {"unet_control": UNET, "unet_control_sdxl": UNET_SDXL}
 
 
 FP32_INPUTS = ("timestep", "time_ids")     # inputs an fp16 graph keeps float32
