@@ -1,9 +1,10 @@
 """SDXL ControlNet: export of SDXL ControlNets (text_time added conditioning) with the residual-taking SDXL UNet,
 and image parity with diffusers' StableDiffusionXLControlNetPipeline on a tiny random SDXL.
 
-Reference: diffusers' StableDiffusionXLControlNetPipeline (MultiControlNet for several units,
-control_guidance_start/end, guess_mode) over the same tiny SDXL folder and random-weight ControlNets copied from
-its UNet, CPU generators seeded like sdrt.
+Reference: diffusers' StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline (MultiControlNet for several units,
+control_guidance_start/end, guess_mode, a PEFT LoRA) over the same tiny SDXL folder and random-weight ControlNets
+copied from its UNet, CPU generators seeded like sdrt. OpenVINO, the CLI and the A1111 server (webuiapi client)
+are held to the Python API on ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sdrt.pipelines.control import Control
 
 from ..conftest import random_controlnet
 from .test_parity import pixels
-from .test_sdxl import NEGATIVE, PROMPT, SIZE, STEPS, _export, compare, diffusers_pipe, xl_dir  # noqa: F401
+from .test_sdxl import NEGATIVE, PROMPT, SIZE, STEPS, _export, compare, diffusers_pipe
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -27,6 +28,13 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2")
 
 TINY_XL_LAYOUT = [[32, 1], [32, 1], [32, 1], [32, 2], [64, 2], [64, 2], [64, 2]]
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    """test_sdxl's tiny SDXL (same architecture and seed)."""
+    from sdrt.exporters.random_model import build_random_model
+    return build_random_model(tmp_path_factory.mktemp("sdxl") / "model", "tiny-sdxl", seed=4)
 
 
 @pytest.fixture(scope="module")
