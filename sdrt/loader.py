@@ -121,7 +121,8 @@ def _variants(manifest: mf.Manifest, load_one) -> Variants | None:
     ControlNet residuals and the seamless-tiling graphs."""
     graphs = {name + TILING: Variant(c, ALL_SPECS[c.spec], name) for name, c in manifest.tiling.items()}
     if manifest.unet_control is not None:
-        graphs["unet_control"] = Variant(manifest.unet_control, unet_control(_layout(manifest)), "unet")
+        spec = unet_control(_layout(manifest), manifest.unet_control.spec)        # SD or SDXL
+        graphs["unet_control"] = Variant(manifest.unet_control, spec, "unet")
     return Variants(graphs, load_one) if graphs else None
 
 

@@ -137,8 +137,8 @@ TEXT_ENCODER_2 = ComponentSpec(
              TensorSpec("hidden_states", ("L2", "B", "S", "D2"))),
     atol=1e-4,
 )
-UNET_SDXL = replace(UNET, name="unet_sdxl",
-                    inputs=UNET.inputs + (TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", "T"))))
+SDXL_ADDED = (TensorSpec("text_embeds", ("B", "P")), TensorSpec("time_ids", ("B", "T")))   # added_cond_kwargs
+UNET_SDXL = replace(UNET, name="unet_sdxl", inputs=UNET.inputs + SDXL_ADDED)
 # component -> spec of an SDXL export (the refiner has no ``text_encoder``)
 SDXL_SPECS = {"text_encoder": TEXT_ENCODER_SDXL, "text_encoder_2": TEXT_ENCODER_2, "unet": UNET_SDXL,
               "vae_encoder": VAE_ENCODER, "vae_decoder": VAE_DECODER}
@@ -157,24 +157,34 @@ def residuals(down: str, mid: str, layout: tuple[tuple[int, int], ...]) -> tuple
     return (*(tensor(f"{down}_{i}", c, f) for i, (c, f) in enumerate(layout[:-1])), tensor(mid, *layout[-1]))
 
 
-def controlnet(layout: tuple[tuple[int, int], ...]) -> ComponentSpec:
-    """A ControlNet: the UNet's inputs plus the control image (RGB in [0, 1]) and its scale -> residuals."""
+# the ControlNet graphs by spec name (a manifest's ``controlnets``/``unet_control``): SD 1.x/2.x, SDXL
+CONTROL_ADDED = {"controlnet": (), "controlnet_sdxl": SDXL_ADDED}
+CONTROL_BASES = {"unet_control": UNET, "unet_control_sdxl": UNET_SDXL}
+
+
+def controlnet(layout: tuple[tuple[int, int], ...], name: str = "controlnet") -> ComponentSpec:
+    """A ControlNet: the UNet's inputs plus the control image (RGB in [0, 1]) and its scale -> residuals.
+    ``controlnet_sdxl`` (an SDXL ControlNet, ``addition_embed_type`` "text_time") also takes SDXL's
+    ``text_embeds`` and ``time_ids``."""
     return ComponentSpec(
-        "controlnet",
+        name,
         inputs=(TensorSpec("sample", ("B", "C", "H/8", "W/8")),
                 TensorSpec("timestep", ("B",)),
                 TensorSpec("encoder_hidden_states", ("B", "S", "D")),
                 TensorSpec("controlnet_cond", ("B", 3, "H", "W")),
-                TensorSpec("conditioning_scale", (1,))),
+                TensorSpec("conditioning_scale", (1,)),
+                *CONTROL_ADDED[name]),
         outputs=residuals("down_block_res_samples", "mid_block_res_sample", layout),
         atol=2e-3,
     )
 
 
-def unet_control(layout: tuple[tuple[int, int], ...]) -> ComponentSpec:
-    """The UNet (4- or 9-channel) that adds ControlNet residuals to its skip connections and mid block."""
-    return replace(UNET, name="unet_control",
-                   inputs=UNET.inputs + residuals("down_block_additional_residuals", "mid_block_additional_residual",
+def unet_control(layout: tuple[tuple[int, int], ...], name: str = "unet_control") -> ComponentSpec:
+    """The UNet (4- or 9-channel) that adds ControlNet residuals to its skip connections and mid block;
+    ``unet_control_sdxl``: SDXL's UNet (its inputs, then the residuals)."""
+    base = CONTROL_BASES[name]
+    return replace(base, name=name,
+                   inputs=base.inputs + residuals("down_block_additional_residuals", "mid_block_additional_residual",
                                                   layout))
 
 

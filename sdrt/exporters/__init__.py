@@ -87,8 +87,6 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
                  controlnets: dict | None = None) -> Manifest:
     """Write every component (and ControlNet), the scheduler and the tokenizer into ``folder``; the manifest last."""
     architecture = architecture_facts(model)
-    if controlnets and model.sdxl:
-        raise ExportError(f"{model.name}: ControlNets for SDXL are not supported yet; export without --controlnet")
     exported = {}
     bar = tqdm(components(model), desc="export", unit="model", disable=not progress)
     for name in bar:

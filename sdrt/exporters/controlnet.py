@@ -18,6 +18,7 @@ from torch import nn
 from .. import specs
 from ..errors import ExportError
 from ..manifest import Component
+from .families import read_checkpoint
 from .onnx import dims, export_onnx, parity
 from .weight_map import write_weight_map
 from .sources import HUB_ID, LOAD_ERRORS, SINGLE_FILE_SUFFIXES, Source, _first_line, _library_progress
@@ -95,6 +96,10 @@ def _from_single_file(path: Path, model: Source) -> ControlNetModel:
 
     ControlNets copy the encoder half of the UNet they were trained on and take 4-channel latents.
     """
+    if model.sdxl and any(k.split("label_emb.")[0] in ("", "control_model.") for k in read_checkpoint(path)[0]):
+        # diffusers 0.42's convert_controlnet_checkpoint drops SDXL's label_emb (the added embedding)
+        raise ExportError(f"{path}: SDXL ControlNet single files in the original (LDM) key layout are not supported "
+                          "yet; pass its diffusers version (a folder with config.json, or a hub id)")
     derived = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
     with tempfile.TemporaryDirectory(prefix="sdrt-controlnet-") as tmp:
         derived.save_config(tmp)
@@ -105,15 +110,19 @@ def _from_single_file(path: Path, model: Source) -> ControlNetModel:
 
 
 def _checked(name: str, net: ControlNetModel, model: Source) -> ControlNetModel:
-    """Reject a ControlNet whose residuals or text width do not match the UNet (e.g. SD 2.x on SD 1.x)."""
+    """Reject a ControlNet whose residuals, text width or added conditioning do not match the UNet (e.g. SD 2.x
+    on SD 1.x, SD 1.x on SDXL)."""
     cfg, unet = net.config, model.unet.config
     facts = [("residuals", residual_layout(cfg), residual_layout(unet)),
              ("cross_attention_dim", cfg.cross_attention_dim, unet.cross_attention_dim),
-             ("latent channels", cfg.in_channels, model.vae.config.latent_channels)]
+             ("latent channels", cfg.in_channels, model.vae.config.latent_channels),
+             ("addition_embed_type", cfg.get("addition_embed_type"), unet.get("addition_embed_type")),
+             ("projection_class_embeddings_input_dim", cfg.get("projection_class_embeddings_input_dim"),
+              unet.get("projection_class_embeddings_input_dim"))]
     wrong = [f"{what} {mine} vs {theirs}" for what, mine, theirs in facts if mine != theirs]
     if wrong:
         raise ExportError(f"ControlNet {name!r} does not fit {model.name}: {'; '.join(wrong)}; "
-                          "use a ControlNet trained for this base model (SD 1.x or 2.x)")
+                          "use a ControlNet trained for this base model (SD 1.x, 2.x or SDXL)")
     return net.float().eval().requires_grad_(False)
 
 
@@ -130,6 +139,18 @@ class ControlNet(nn.Module):
         return (*down, mid)
 
 
+class ControlNetSDXL(ControlNet):
+    """An SDXL ControlNet: also SDXL's ``added_cond_kwargs`` (pooled ``text_embeds``, ``time_ids``)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, text_embeds,
+                time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    conditioning_scale=conditioning_scale, added_cond_kwargs=added,
+                                    return_dict=False)
+        return (*down, mid)
+
+
 class UnetControl(nn.Module):
     """The UNet with ControlNet residuals added to its down-block outputs and its mid block."""
 
@@ -142,21 +163,38 @@ class UnetControl(nn.Module):
                          mid_block_additional_residual=residuals[-1], return_dict=False)[0]
 
 
+class UnetControlSDXL(UnetControl):
+    """SDXL's UNet (``text_embeds``, ``time_ids``) with the ControlNet residuals added."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         return_dict=False)[0]
+
+
+# the graphs of a family: (spec name, torch module) of the residual UNet, then of each ControlNet
+GRAPHS = {False: (("unet_control", UnetControl), ("controlnet", ControlNet)),
+          True: (("unet_control_sdxl", UnetControlSDXL), ("controlnet_sdxl", ControlNetSDXL))}
+
+
 def export_control(model: Source, nets: dict[str, nn.Module], folder: Path, *, opset: int = 17,
                    fp16: bool = False, check_parity: bool = True) -> tuple[Component, dict[str, Component]]:
     """Write ``unet_control.onnx`` and ``controlnet/<name>.onnx`` for each of ``nets`` into ``folder``."""
     layout = residual_layout(model.unet.config)
     precision = "fp16" if fp16 else "fp32"
-    unet = UnetControl(model)
-    _export(unet, specs.unet_control(layout), model, folder / "unet_control.onnx", opset, fp16, check_parity)
+    (unet_spec, unet_module), (net_spec, net_module) = GRAPHS[model.sdxl]
+    unet = unet_module(model)
+    _export(unet, specs.unet_control(layout, unet_spec), model, folder / "unet_control.onnx", opset, fp16,
+            check_parity)
     write_weight_map(unet, folder / "unet_control.onnx", "unet_control", fp16)     # for LoRAs, as unet.onnx has
     (folder / "controlnet").mkdir()
     components = {}
     for name, net in nets.items():
         file = f"controlnet/{name}.onnx"
-        _export(ControlNet(net), specs.controlnet(layout), model, folder / file, opset, fp16, check_parity)
-        components[name] = Component(spec="controlnet", file=file, precision=precision)
-    return Component(spec="unet_control", file="unet_control.onnx", precision=precision), components
+        _export(net_module(net), specs.controlnet(layout, net_spec), model, folder / file, opset, fp16, check_parity)
+        components[name] = Component(spec=net_spec, file=file, precision=precision)
+    return Component(spec=unet_spec, file="unet_control.onnx", precision=precision), components
 
 
 def _export(module: nn.Module, spec: specs.ComponentSpec, model: Source, path: Path, opset: int, fp16: bool,

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_OVER = 2**31 - 2**26      # protobuf's 2 GiB limit, less headroom for the graph itself
 # sinusoidal timestep embeddings (and SDXL's of its time ids): kept fp32
-TIME_PROJ_NODES = ("/unet/time_proj/", "/controlnet/time_proj/", "/unet/add_time_proj/")
+TIME_PROJ_NODES = ("/unet/time_proj/", "/controlnet/time_proj/", "/unet/add_time_proj/",
+                   "/controlnet/add_time_proj/")
 # Kept fp32 in fp16 graphs, where fp16 overflows into black images: attention softmax, and GroupNorm, which
 # the TorchScript exporter emits as Reshape -> InstanceNormalization -> Reshape (statistics of a group)
 FP32_OPS = ("Softmax", "InstanceNormalization")

@@ -200,7 +200,8 @@ class ControlModels:
         if name not in self.controlnets:
             raise InvalidRequest(f"ControlNet {name!r} is not in this export; it has: {', '.join(self.controlnets)}")
         if name not in self.loaded:
-            self.loaded[name] = self.load(self.controlnets[name], specs.controlnet(self.layout))
+            component = self.controlnets[name]
+            self.loaded[name] = self.load(component, specs.controlnet(self.layout, component.spec))
         return self.loaded[name]
 
     def unet(self) -> Runtime:
@@ -251,11 +252,12 @@ class ControlledUnet:
     """The UNet Runtime ``ModelDenoiser`` runs when a request has ControlNet units.
 
     Every run feeds each active unit's ControlNet the run's latents (the first C channels, so 9-channel
-    inpainting works), timestep and text embeddings, sums the residuals and runs the residual-taking UNet; with
-    no unit active it runs the plain UNet. Start/end compare ``evaluation()``, the index of the model evaluation
-    being run (diffusers' loop index over its timesteps, ``plan.calls``), with ``calls``. ``ModelDenoiser``
-    splits an evaluation into several runs when prompts differ in length; with guidance, the first ``batch``
-    rows of an evaluation's first run are the negative prompt's.
+    inpainting works), timestep and text embeddings (SDXL's pooled ones and time ids too), sums the residuals
+    and runs the residual-taking UNet; with no unit active it runs the plain UNet. Start/end compare
+    ``evaluation()``, the index of the model evaluation being run (diffusers' loop index over its timesteps,
+    ``plan.calls``), with ``calls``. ``ModelDenoiser`` splits an evaluation into several runs when prompts
+    differ in length; with guidance, the first ``batch`` rows of an evaluation's first run are the negative
+    prompt's.
     """
 
     def __init__(self, unet: Runtime, plain: Runtime, units: list[Unit], calls: int, batch: int, guidance: bool,
@@ -283,9 +285,10 @@ class ControlledUnet:
         rows = len(feeds["sample"])
         if skip >= rows:
             return None
-        out = unit.net.run({"sample": feeds["sample"][skip:, :self.channels], "timestep": feeds["timestep"][skip:],
-                            "encoder_hidden_states": feeds["encoder_hidden_states"][skip:],
-                            "controlnet_cond": np.repeat(unit.cond, rows - skip, axis=0),
-                            "conditioning_scale": np.array([unit.scale], np.float32)})
+        # the UNet's inputs the ControlNet shares: timestep, text embeddings (and SDXL's text_embeds, time_ids)
+        given = {**feeds, "sample": feeds["sample"][:, :self.channels],
+                 "controlnet_cond": np.repeat(unit.cond, rows, axis=0)}
+        inputs = {t.name: given[t.name][skip:] for t in unit.net.spec.inputs if t.name != "conditioning_scale"}
+        out = unit.net.run({**inputs, "conditioning_scale": np.array([unit.scale], np.float32)})
         res = [out[t.name].astype(np.float32) * w for t, w in zip(unit.net.spec.outputs, unit.weights)]
         return [np.concatenate([np.zeros((skip, *r.shape[1:]), np.float32), r]) if skip else r for r in res]

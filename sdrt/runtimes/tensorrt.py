@@ -155,7 +155,7 @@ def _size(symbols: tuple, shape: tuple) -> str | None:
 def _batch(spec: ComponentSpec, shapes: Mapping[str, tuple]) -> int:
     """Images per request behind the inputs' batch axis (the UNet and ControlNets see 2 rows per image)."""
     rows = next((shapes[t.name][0] for t in spec.inputs if t.shape[:1] == ("B",) and t.name in shapes), 1)
-    guided = spec.name in trt_build.GUIDED or spec.name.startswith("controlnet")
+    guided = spec.name.removesuffix("_sdxl") in trt_build.GUIDED or spec.name.startswith("controlnet")
     return -(-rows // 2) if guided else rows
 
 

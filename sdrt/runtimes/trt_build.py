@@ -113,8 +113,8 @@ def graphs(manifest: mf.Manifest) -> dict[str, tuple[mf.Component, ComponentSpec
     if manifest.unet_control is not None or manifest.controlnets:
         layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
         if manifest.unet_control is not None:
-            found["unet_control"] = (manifest.unet_control, unet_control(layout))
-        found |= {f"controlnet/{name}": (c, controlnet(layout)) for name, c in manifest.controlnets.items()}
+            found["unet_control"] = (manifest.unet_control, unet_control(layout, manifest.unet_control.spec))
+        found |= {f"controlnet/{name}": (c, controlnet(layout, c.spec)) for name, c in manifest.controlnets.items()}
     return {name: (c, half(spec) if c.precision == "fp16" else spec) for name, (c, spec) in found.items()}
 
 
