@@ -349,12 +349,37 @@ def test_kohya_sdxl_lora_with_sgm_names(xl_export, xl_dir, tmp_path):
     compare("sdxl kohya lora (SGM names)", ours.txt2img(PROMPT, **kwargs), theirs)
 
 
-def test_sdxl_single_file_is_refused_with_the_way_out(tmp_path):
-    from safetensors.numpy import save_file
+def test_single_file_checkpoint(tmp_path_factory, xl_dir, xl, init_image):
+    """An A1111-style SGM single file exports offline, with the configs sdrt writes, to the images of the
+    diffusers folder it was made from."""
+    from sdrt.exporters import families
 
-    from sdrt.errors import ExportError
-    from sdrt.exporters import export
-    checkpoint = tmp_path / "sd_xl_base.safetensors"
-    save_file({"conditioner.embedders.1.model.text_projection": np.zeros((2, 2), np.float32)}, str(checkpoint))
-    with pytest.raises(ExportError, match="SDXL single-file checkpoints are not supported yet.*save_pretrained"):
-        export(str(checkpoint), tmp_path / "out", progress=False)
+    from ..exporters.ldm import to_single_file
+    checkpoint = to_single_file(xl_dir, tmp_path_factory.mktemp("sdxl_single_file") / "sd_xl.safetensors")
+    assert families.from_checkpoint(*families.read_checkpoint(checkpoint)).family == "sdxl"
+    out = _export(tmp_path_factory, checkpoint, "sdxl_single_file_export", check_parity=False)
+    assert mf.read(out).architecture == xl.models.arch
+    ours = sdrt.load(out, runtime="onnxruntime", progress=False)
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=16)
+    for task, args in (("txt2img", (PROMPT,)), ("img2img", (init_image, PROMPT))):
+        image, theirs = getattr(ours, task)(*args, **kwargs), getattr(xl, task)(*args, **kwargs)
+        assert np.abs(pixels(image) - pixels(theirs)).max() == 0, task
+
+
+def test_single_file_refiner_loads_the_folders_model(refiner_dir, tmp_path):
+    """The refiner's single file (bigG alone, at conditioner.embedders.0) gives the folder's weights, flags and
+    architecture facts (its export is the folder's code path from there)."""
+    from sdrt.exporters import architecture_facts
+    from sdrt.exporters.sources import load_source
+
+    from ..exporters.ldm import to_single_file
+    loaded = load_source(str(to_single_file(refiner_dir, tmp_path / "refiner.safetensors")), progress=False)
+    folder = load_source(str(refiner_dir), progress=False)
+    assert loaded.text_encoder is None and loaded.tokenizer is None and loaded.detected.family == "sdxl-refiner"
+    for part in ("text_encoder_2", "unet", "vae"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(folder, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert loaded.pipeline_config == {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    assert architecture_facts(loaded) == architecture_facts(folder)
+    assert loaded.scheduler_config == folder.scheduler_config
