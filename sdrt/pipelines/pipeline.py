@@ -138,12 +138,21 @@ class Request:
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
     preview: Callable[[np.ndarray], None] | None = None   # then: that step's denoised latents (B, C, h, w)
     # SDXL's size conditioning (diffusers' arguments, (height, width) pairs; None: the image's size) and the
-    # refiner's aesthetic scores
+    # refiner's aesthetic scores; the negative prompt's (negative_*) default to the positive's
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+
+    @property
+    def sdxl_conditioning(self) -> dict:
+        """The SDXL size/aesthetic fields given other values than their defaults."""
+        return {k: getattr(self, k) for k, default in sdxl.CONDITIONING_DEFAULTS.items()
+                if _as_tuple(getattr(self, k)) != default}
 
     @property
     def text_options(self) -> TextOptions:
@@ -522,9 +531,11 @@ class StableDiffusion:
         guidance = req.guidance_scale > 1.0 and not self.models.arch.get("time_cond_proj_dim")
         if self.models.arch.get("family") == "sdxl":
             encode = self._sdxl_encoder(req)
-            extra = (sdxl.time_ids(self.models.arch, req.height, req.width, req.original_size,
-                                   req.crops_coords_top_left, req.target_size,
-                                   req.aesthetic_score, req.negative_aesthetic_score),)
+            extra = (sdxl.time_ids(self.models.arch, req.height, req.width, **req.sdxl_conditioning),)
+        elif req.sdxl_conditioning:
+            raise InvalidRequest(f"{', '.join(req.sdxl_conditioning)}: SDXL's size and aesthetic conditioning; this "
+                                 f"model ({self.models.arch.get('family', 'Stable Diffusion 1.x/2.x')}) has none, "
+                                 "remove them")
         else:
             encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
             extra = ()
@@ -663,6 +674,10 @@ class StableDiffusion:
         parameters = {"task": task, **{k: v for k, v in req.__dict__.items()
                                        if k not in ("latents", "callback", "preview")}}
         return Result(pics, seeds, texts, parameters, timings)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _lora_tag(tag: prompts.ExtraNetwork) -> tuple[str, float]:

@@ -148,6 +148,57 @@ def test_size_conditioning(xl, xl_dir):
     assert np.abs(pixels(default) - pixels(ours)).max() > TOLERANCE     # the time ids do reach the UNet
 
 
+def test_size_conditioning_from_the_cli(xl_export, xl_dir, tmp_path, capsys):
+    """`sdrt generate` flags (WxH sizes, X,Y corners) reach diffusers' (height, width) / (top, left) arguments,
+    the negative prompt's own included."""
+    from PIL import Image
+
+    from sdrt.cli import main
+    out = tmp_path / "xl.png"
+    assert main(["generate", str(xl_export), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--width", "64",
+                 "--height", "48", "--steps", str(STEPS), "--seed", "17", "--runtime", "onnxruntime",
+                 "--original-size", "384x512", "--crop-top-left", "8,16", "--target-size", "320x256",
+                 "--negative-original-size", "256x200", "--negative-crop-top-left", "0,24",
+                 "--negative-target-size", "128x128", "--output", str(out)]) == 0
+    ours = np.asarray(Image.open(out), dtype=np.int16)[None]
+    theirs = reference(xl_dir, "StableDiffusionXLPipeline", 17, height=48, width=SIZE, original_size=(512, 384),
+                       crops_coords_top_left=(16, 8), target_size=(256, 320), negative_original_size=(200, 256),
+                       negative_crops_coords_top_left=(24, 0), negative_target_size=(128, 128))
+    diff = int(np.abs(ours - theirs).max())
+    WORST["sdxl txt2img[size conditioning, CLI]"] = diff
+    assert diff <= TOLERANCE
+    same_negative = reference(xl_dir, "StableDiffusionXLPipeline", 17, height=48, width=SIZE, original_size=(512, 384),
+                              crops_coords_top_left=(16, 8), target_size=(256, 320))
+    assert np.abs(ours - same_negative).max() > TOLERANCE       # the negative time ids do reach the UNet
+
+
+def test_refiner_size_conditioning(refiner, refiner_dir, init_image):
+    sizes = dict(original_size=(300, 200), crops_coords_top_left=(12, 4), negative_original_size=(128, 96),
+                 negative_crops_coords_top_left=(0, 20), aesthetic_score=8.5, negative_aesthetic_score=1.0)
+    ours = refiner.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.5, steps=STEPS, seed=18, **sizes)
+    compare("sdxl refiner img2img[size conditioning]", ours,
+            reference(refiner_dir, "StableDiffusionXLImg2ImgPipeline", 18, image=init_image, strength=0.5, **sizes))
+
+
+def test_size_conditioning_errors(xl, refiner, tiny_export, tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.errors import InvalidRequest
+    kwargs = dict(width=SIZE, height=SIZE, steps=1)
+    with pytest.raises(InvalidRequest, match="refiner takes no target size"):
+        refiner.txt2img(PROMPT, target_size=(64, 64), **kwargs)
+    with pytest.raises(InvalidRequest, match="condition the SDXL refiner only"):
+        xl.txt2img(PROMPT, aesthetic_score=7.0, **kwargs)
+    with pytest.raises(InvalidRequest, match=r"original_size must be a pair of numbers"):
+        xl.txt2img(PROMPT, original_size=(64,), **kwargs)
+    args = ["generate", str(tiny_export), "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1",
+            "--output", str(tmp_path / "x.png")]
+    assert main(args + ["--original-size", "512x512", "--aesthetic-score", "7"]) == 2
+    assert "original_size, aesthetic_score: SDXL's size and aesthetic conditioning" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--crop-top-left", "8x8"])
+    assert "expected X,Y pixels" in capsys.readouterr().err
+
+
 def test_img2img(xl, xl_dir, init_image):
     ours = xl.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.6, steps=STEPS, seed=6)
     compare("sdxl img2img", ours,
