@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also export circular-padded UNet and VAE graphs for seamless tiling (generate --tiling)")
     e.add_argument("--tiny-vae", metavar="PATH",
                    help="also export this tiny autoencoder (TAESD; an AutoencoderTiny folder or hub id such as "
-                        "madebyollin/taesd) for fast decoding (generate --vae tiny) and live previews")
+                        "madebyollin/taesd, madebyollin/taesdxl for SDXL) for fast decoding (generate --vae tiny) "
+                        "and live previews")
     e.set_defaults(run=_export)
 
     b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, TensorRT engines, ONNX Runtime "

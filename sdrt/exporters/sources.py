@@ -247,26 +247,28 @@ def _signature(arch: dict) -> tuple[int, int, int]:
 
 
 def load_tiny_vae(where: str, model: Source, progress: bool = True):
-    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``) from a folder or hub id, in fp32 eval
-    mode, checked against ``model``'s latent space."""
+    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``; SDXL's TAESDXL,
+    ``madebyollin/taesdxl``) from a folder or hub id, in fp32 eval mode, checked against ``model``'s latent space.
+    TAESD and TAESDXL share one architecture (the weights tell them apart), so the family is not checked."""
     from diffusers import AutoencoderTiny
     path = Path(where).expanduser()
+    ours = "madebyollin/taesdxl for SDXL" if model.sdxl else "madebyollin/taesd for SD 1.x/2.x"
     if not path.is_dir() and not HUB_ID.match(where):
         raise ExportError(f"--tiny-vae {where}: no such folder, and not a hub id (owner/name); pass an "
-                          "AutoencoderTiny folder (config.json + weights) or a hub id such as madebyollin/taesd")
+                          f"AutoencoderTiny folder (config.json + weights) or a hub id: {ours}")
     try:
         with _library_progress(progress):
             vae = AutoencoderTiny.from_pretrained(str(path) if path.is_dir() else where,
                                                   local_files_only=path.is_dir())
     except LOAD_ERRORS as e:
         raise ExportError(f"--tiny-vae {where}: could not load a diffusers AutoencoderTiny ({_first_line(e)}); "
-                          "for SD 1.x/2.x use madebyollin/taesd") from None
+                          f"use {ours}") from None
     config = vae.config
     if config.latent_channels != model.vae.config.latent_channels or config.get("shift_factor", 0.0):
         raise ExportError(f"--tiny-vae {where}: its latent space ({config.latent_channels} channels, shift "
                           f"{config.get('shift_factor', 0.0)}) is not {model.name}'s "
                           f"({model.vae.config.latent_channels} channels, no shift); use the TAESD of this "
-                          "model family (madebyollin/taesd for SD 1.x/2.x)")
+                          f"model family ({ours})")
     if 2 ** (len(config.encoder_block_out_channels) - 1) != VAE_FACTOR:
         raise ExportError(f"--tiny-vae {where}: it does not downsample by {VAE_FACTOR} like the model's VAE")
     if vae.dtype != torch.float32:

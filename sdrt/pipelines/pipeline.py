@@ -637,8 +637,9 @@ class StableDiffusion:
     def _tiny(self, name: str) -> Runtime:
         runtime = getattr(self.models, name)
         if runtime is None:
+            taesd = "madebyollin/taesdxl" if self.models.arch.get("family") == "sdxl" else "madebyollin/taesd"
             raise InvalidRequest("this export has no tiny autoencoder (TAESD); re-export the model with "
-                                 "`sdrt export MODEL OUT --tiny-vae madebyollin/taesd`, or use vae='full'")
+                                 f"`sdrt export MODEL OUT --tiny-vae {taesd}`, or use vae='full'")
         return runtime
 
     @property

@@ -261,12 +261,14 @@ def test_openvino_gives_the_onnxruntime_image(xl, xl_export):
     assert np.abs(pixels(ov.txt2img(PROMPT, **kwargs)) - pixels(xl.txt2img(PROMPT, **kwargs))).max() <= 1
 
 
-def test_fp16_export_keeps_the_vae_fp32(tmp_path_factory, xl_dir, xl):
-    """SDXL's VAE overflows fp16 (force_upcast): an --fp16 export keeps both VAE graphs fp32."""
-    out = _export(tmp_path_factory, xl_dir, "sdxl_fp16", fp16=True, check_parity=False)
+def test_fp16_export_keeps_the_vae_fp32(tmp_path_factory, xl_dir, xl, tiny_taesd_dir):
+    """SDXL's VAE overflows fp16 (force_upcast): an --fp16 export keeps both VAE graphs fp32 (the tiny
+    autoencoder, TAESDXL, has no force_upcast: fp16)."""
+    out = _export(tmp_path_factory, xl_dir, "sdxl_fp16", fp16=True, check_parity=False, tiny_vae=str(tiny_taesd_dir))
     precisions = {name: c.precision for name, c in mf.read(out).components.items()}
     assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16",
-                          "vae_encoder": "fp32", "vae_decoder": "fp32"}
+                          "vae_encoder": "fp32", "vae_decoder": "fp32",
+                          "vae_encoder_tiny": "fp16", "vae_decoder_tiny": "fp16"}
     half = sdrt.load(out, runtime="onnxruntime", progress=False)
     kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=11)
     assert np.abs(pixels(half.txt2img(PROMPT, **kwargs)) - pixels(xl.txt2img(PROMPT, **kwargs))).max() <= 2
@@ -400,23 +402,57 @@ def test_kohya_sdxl_lora_with_sgm_names(xl_export, xl_dir, tmp_path):
     compare("sdxl kohya lora (SGM names)", ours.txt2img(PROMPT, **kwargs), theirs)
 
 
-def test_single_file_checkpoint(tmp_path_factory, xl_dir, xl, init_image):
-    """An A1111-style SGM single file exports offline, with the configs sdrt writes, to the images of the
-    diffusers folder it was made from."""
+@pytest.fixture(scope="module")
+def xl_file_export(tmp_path_factory, xl_dir, tiny_taesd_dir):
+    """The tiny SDXL as an A1111-style SGM single file, exported offline (the configs sdrt writes) with a tiny
+    autoencoder (TAESDXL's structure: TAESD's, other weights)."""
     from sdrt.exporters import families
 
     from ..exporters.ldm import to_single_file
     checkpoint = to_single_file(xl_dir, tmp_path_factory.mktemp("sdxl_single_file") / "sd_xl.safetensors")
     assert families.from_checkpoint(*families.read_checkpoint(checkpoint)).family == "sdxl"
-    out = _export(tmp_path_factory, checkpoint, "sdxl_single_file_export", check_parity=False)
-    assert mf.read(out).architecture == xl.models.arch
-    ours = sdrt.load(out, runtime="onnxruntime", progress=False)
+    return _export(tmp_path_factory, checkpoint, "sdxl_single_file_export", check_parity=False,
+                   tiny_vae=str(tiny_taesd_dir))
+
+
+def test_single_file_checkpoint(xl_file_export, xl, init_image):
+    """The single file's export gives the images of the diffusers folder it was made from."""
+    facts = mf.read(xl_file_export).architecture
+    assert facts.pop("tiny_vae_scaling_factor") == 1.0 and facts == xl.models.arch
+    ours = sdrt.load(xl_file_export, runtime="onnxruntime", progress=False)
     kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=16)
     for task, args in (("txt2img", (PROMPT,)), ("img2img", (init_image, PROMPT))):
         image, theirs = getattr(ours, task)(*args, **kwargs), getattr(xl, task)(*args, **kwargs)
         assert np.abs(pixels(image) - pixels(theirs)).max() == 0, task
 
 
+def test_tiny_vae(xl_file_export, xl_dir, tiny_taesd_dir, init_image):
+    """vae="tiny" decodes (and encodes) with the tiny autoencoder at its own scaling (1.0, not SDXL's 0.13025),
+    as diffusers' SDXL pipelines with ``vae=AutoencoderTiny``."""
+    ours = sdrt.load(xl_file_export, runtime="onnxruntime", progress=False)
+    base, config = diffusers_pipe(xl_dir, "StableDiffusionXLPipeline")
+    components = {**base.components, "vae": diffusers.AutoencoderTiny.from_pretrained(tiny_taesd_dir),
+                  "scheduler": diffusers.EulerDiscreteScheduler.from_config(config)}
+    kwargs = dict(negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler", vae="tiny")
+    for cls, seed, args, extra in (("StableDiffusionXLPipeline", 19, (PROMPT,), dict(height=SIZE, width=SIZE)),
+                                   ("StableDiffusionXLImg2ImgPipeline", 20, (init_image, PROMPT),
+                                    dict(image=init_image, strength=0.6))):
+        pipe = getattr(diffusers, cls)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
+                       generator=[torch.Generator("cpu").manual_seed(seed)], **extra).images
+        task = "txt2img" if len(args) == 1 else "img2img"
+        image = getattr(ours, task)(*args, seed=seed, **({"strength": 0.6} if task == "img2img" else
+                                                          dict(width=SIZE, height=SIZE)), **kwargs)
+        compare(f"sdxl {task}[tiny vae]", image, (out * 255).round().astype(np.int16))
+        assert "VAE Decoder: TAESD" in image.infotexts[0]
+
+
+def test_without_a_tiny_vae_sdxl_names_taesdxl(xl):
+    from sdrt.errors import InvalidRequest
+    with pytest.raises(InvalidRequest, match="--tiny-vae madebyollin/taesdxl"):
+        xl.txt2img(PROMPT, width=SIZE, height=SIZE, steps=1, vae="tiny")
 def test_single_file_refiner_loads_the_folders_model(refiner_dir, tmp_path):
     """The refiner's single file (bigG alone, at conditioner.embedders.0) gives the folder's weights, flags and
     architecture facts (its export is the folder's code path from there)."""
