@@ -23,7 +23,7 @@ from . import images, masking, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guidance_embedding, guided, masked
-from .embeddings import SUFFIXES, Embedding, Vocabulary, read_folder
+from .embeddings import Embedding, Vocabulary, read_folder
 from .rng import make_generator
 from .tiling import OVERLAP, TILE, tiled
 from .tokenizer import ClipTokenizer
@@ -435,16 +435,22 @@ class StableDiffusion:
     def load_embeddings(self, folder: str | Path) -> tuple[list[Embedding], list[Path]]:
         """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
         word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
-        is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
-        if self.models.arch.get("family") == "sdxl":        # skipped as A1111 skips another family's
-            skipped = sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
-            log.warning("textual-inversion embeddings for SDXL are not supported yet; %d skipped", len(skipped))
-            return [], skipped
+        is reloaded once. SDXL: both text encoders' tables, each with its part of the file (``clip_l``,
+        ``clip_g``). Returns the embeddings loaded and the files skipped (another width, unreadable)."""
         weights = self._weights()
-        table = weights.original("text_encoder", TOKEN_EMBEDDING)
-        loaded, skipped = read_folder(Path(folder), table.shape[1])
-        vocabulary = Vocabulary(loaded, self.models.tokenizer.tokens, len(table))
-        self._use(weights.set_values("text_encoder", {TOKEN_EMBEDDING: vocabulary.table(table)} if loaded else {}))
+        tables = {c: weights.original(c, TOKEN_EMBEDDING) for c in ("text_encoder", "text_encoder_2")
+                  if getattr(self.models, c) is not None}
+        if len({len(t) for t in tables.values()}) != 1:
+            raise InvalidRequest(f"the text encoders' vocabularies differ in size ({[len(t) for t in tables.values()]});"
+                                 " textual-inversion embeddings need one vocabulary")
+        width = tables["text_encoder"].shape[1] if "text_encoder" in tables else None
+        width_g = tables["text_encoder_2"].shape[1] if "text_encoder_2" in tables else None
+        loaded, skipped = read_folder(Path(folder), width, width_g)
+        vocabulary = Vocabulary(loaded, self.models.tokenizer.tokens, len(next(iter(tables.values()))))
+        for component, table in tables.items():
+            second = component == "text_encoder_2"
+            self._use(weights.set_values(component, {TOKEN_EMBEDDING: vocabulary.table(table, second)}
+                                         if loaded else {}))
         self.vocabulary = vocabulary if loaded else None
         return loaded, skipped
 
@@ -549,7 +555,7 @@ class StableDiffusion:
     def _sdxl_encoder(self, req: Request) -> sdxl.SDXLTextEncoder:
         m = self.models
         pairs = [(m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)]
-        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs
+        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options, self.vocabulary) for tok, runtime in pairs
                  if runtime is not None]
         return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
 

@@ -349,11 +349,40 @@ def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
     assert np.abs(pixels(ours.txt2img(PROMPT, **kwargs)) - pixels(with_lora)).max() == 0
 
 
-def test_embeddings_are_skipped_not_misapplied(xl, tmp_path):
-    from safetensors.numpy import save_file
-    save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "style.safetensors"))
-    assert xl.load_embeddings(tmp_path) == ([], [tmp_path / "style.safetensors"])
-    assert xl.vocabulary is None
+def test_textual_inversion_on_both_text_encoders(xl, xl_export, xl_dir, refiner, refiner_export, refiner_dir,
+                                                 init_image, tmp_path):
+    """A1111's SDXL embeddings (clip_l + clip_g, called by file name) extend each text encoder's table with its
+    part: diffusers' image with load_textual_inversion of each part into its encoder (token= the name); the
+    refiner (bigG only) takes clip_g. An SD 1.x embedding in the folder is skipped."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(1)
+    parts = {"clip_l": torch.randn(2, 32, generator=g) * 0.4, "clip_g": torch.randn(2, 48, generator=g) * 0.4}
+    save_file(parts, str(tmp_path / "fox-style.safetensors"))
+    save_file({"emb_params": torch.ones(2, 32)}, str(tmp_path / "sd1-style.safetensors"))
+    prompt, negative = "a fox-style painting of a fox in the snow", "blurry fox-style"
+    kwargs = dict(negative_prompt=negative, steps=STEPS, sampler="Euler", seed=21)
+    cases = ((xl, xl_export, xl_dir, "StableDiffusionXLPipeline", ("clip_l", "clip_g"), (prompt,),
+              dict(width=SIZE, height=SIZE)),
+             (refiner, refiner_export, refiner_dir, "StableDiffusionXLImg2ImgPipeline", ("clip_g",),
+              (init_image, prompt), dict(strength=0.6)))
+    for plain, export, folder, cls, used, args, task_args in cases:
+        ours = sdrt.load(export, runtime="onnxruntime", progress=False, embeddings_dir=tmp_path)
+        assert [e.name for e in ours.vocabulary.embeddings] == ["fox-style"]
+        pipe = getattr(diffusers, cls).from_pretrained(folder)       # a fresh one: the embeddings change it
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for part in used:
+            encoder, tokenizer = ("text_encoder_2", "tokenizer_2") if part == "clip_g" else ("text_encoder", "tokenizer")
+            pipe.load_textual_inversion(parts[part], token="fox-style", text_encoder=getattr(pipe, encoder),
+                                        tokenizer=getattr(pipe, tokenizer))
+        with torch.no_grad():
+            out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+                       generator=[torch.Generator("cpu").manual_seed(21)], output_type="np", **task_args,
+                       **({"image": init_image} if len(args) == 2 else {})).images
+        theirs = (out * 255).round().astype(np.int16)
+        task = "img2img" if len(args) == 2 else "txt2img"
+        compare(f"sdxl textual inversion[{cls}]", getattr(ours, task)(*args, **task_args, **kwargs), theirs)
+        assert np.abs(pixels(getattr(plain, task)(*args, **task_args, **kwargs)) - theirs).max() > 8   # it matters
 
 
 SGM_MODULES = {   # diffusers path -> kohya's SGM spelling of the tiny SDXL (layers_per_block 2, attention in
