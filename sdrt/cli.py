@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also export circular-padded UNet and VAE graphs for seamless tiling (generate --tiling)")
     e.add_argument("--tiny-vae", metavar="PATH",
                    help="also export this tiny autoencoder (TAESD; an AutoencoderTiny folder or hub id such as "
-                        "madebyollin/taesd) for fast decoding (generate --vae tiny) and live previews")
+                        "madebyollin/taesd, madebyollin/taesdxl for SDXL) for fast decoding (generate --vae tiny) "
+                        "and live previews")
     e.set_defaults(run=_export)
 
     b = sub.add_parser("build", help="compile an export for a backend (OpenVINO IR, TensorRT engines, ONNX Runtime "
@@ -108,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tiling", action="store_true", help="seamless tiling: opposite edges join (export with --tiling)")
     g.add_argument("--vae", default="full", choices=["full", "tiny"],
                    help="tiny: decode (and encode) with the tiny autoencoder (export with --tiny-vae)")
+    x = g.add_argument_group("SDXL size and aesthetic conditioning (default: the image's size, crop 0,0; the "
+                             "negative prompt's default to the positive's)")
+    x.add_argument("--original-size", type=_size, metavar="WIDTHxHEIGHT", help="the size the model is told the "
+                   "training image had (smaller: a blurrier, upscaled look)")
+    x.add_argument("--crop-top-left", type=_point, metavar="X,Y", help="the crop's top-left corner the model is told "
+                   "of, in pixels from the left (X) and the top (Y)")
+    x.add_argument("--target-size", type=_size, metavar="WIDTHxHEIGHT", help="the intended output size (base only)")
+    x.add_argument("--negative-original-size", type=_size, metavar="WIDTHxHEIGHT")
+    x.add_argument("--negative-crop-top-left", type=_point, metavar="X,Y")
+    x.add_argument("--negative-target-size", type=_size, metavar="WIDTHxHEIGHT")
+    x.add_argument("--aesthetic-score", type=float, help="refiner only: the aesthetic score to aim at (default 6)")
+    x.add_argument("--negative-aesthetic-score", type=float, help="refiner only: the negative prompt's (default 2.5)")
     h = g.add_argument_group("hires fix (txt2img: generate, upscale, img2img at the larger size)")
     h.add_argument("--hires-scale", type=float, help="enable it, with this upscale factor (e.g. 2)")
     h.add_argument("--hires-upscaler", default="Latent", help='A1111 name: "Latent", "Latent (nearest)", '
@@ -260,6 +273,7 @@ def _generate(args) -> int:
               rng=args.rng, clip_skip=args.clip_skip, emphasis=args.emphasis, tiled_vae=args.tiled_vae,
               tiling=args.tiling, vae=args.vae)
     kw |= {k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None}
+    kw |= _sdxl_conditioning(args)
     if args.latents:
         kw["latents"] = np.load(args.latents)
     if args.control_image or args.controlnet:
@@ -289,6 +303,18 @@ def _generate(args) -> int:
         result.save(path, i)
         print(f"{path}  seed {result.seeds[i]}")
     return 0
+
+
+def _sdxl_conditioning(args) -> dict:
+    """The SDXL conditioning flags given, as Request fields: sizes WxH and corners X,Y become diffusers'
+    (height, width) and (top, left) pairs."""
+    flipped = {"original_size": args.original_size, "crops_coords_top_left": args.crop_top_left,
+               "target_size": args.target_size, "negative_original_size": args.negative_original_size,
+               "negative_crops_coords_top_left": args.negative_crop_top_left,
+               "negative_target_size": args.negative_target_size}
+    scores = {"aesthetic_score": args.aesthetic_score, "negative_aesthetic_score": args.negative_aesthetic_score}
+    return ({k: v[::-1] for k, v in flipped.items() if v is not None}
+            | {k: v for k, v in scores.items() if v is not None})
 
 
 def _controls(args) -> list:
@@ -365,6 +391,15 @@ def _lora(text: str) -> tuple[str, float]:
         return (name, float(weight)) if name else (text, 1.0)
     except ValueError:                  # no weight, e.g. C:/loras/x.safetensors
         return text, 1.0
+
+
+def _point(text: str) -> tuple[int, int]:
+    """argparse type for X,Y pixels."""
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y pixels, e.g. 0,64; not {text!r}") from None
+    return x, y
 
 
 def _sides(text: str) -> tuple[int, int, int, int]:

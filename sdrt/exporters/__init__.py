@@ -39,7 +39,7 @@ class ExportOptions:
     config: str | None = None       # single-file sources: a diffusers folder of the same architecture
     controlnets: tuple[str, ...] = ()   # "[NAME=]MODEL" each: exported to controlnet/NAME.onnx
     tiling: bool = False            # also the seamless-tiling graphs (circular padding): <name>_tiling.onnx
-    tiny_vae: str | None = None     # a tiny autoencoder (TAESD: AutoencoderTiny folder or hub id): *_tiny.onnx
+    tiny_vae: str | None = None     # a tiny autoencoder (TAESD, TAESDXL: AutoencoderTiny folder or hub id): *_tiny.onnx
 
 
 def export(source: str, out: Path, options: ExportOptions = ExportOptions(),
@@ -126,8 +126,9 @@ def _export_into(folder: Path, model: Source, options: ExportOptions, progress: 
 
 
 def _upcast_vae(model: Source, name: str) -> bool:
-    """SDXL's VAE overflows fp16 (``force_upcast`` in its config; diffusers decodes it in fp32): kept fp32."""
-    return model.sdxl and name.startswith("vae_") and model.vae.config.get("force_upcast", True)
+    """SDXL's VAE overflows fp16 (``force_upcast`` in its config; diffusers decodes it in fp32): kept fp32.
+    The tiny autoencoder (TAESDXL, ``force_upcast`` False) runs in fp16."""
+    return model.sdxl and name in ("vae_encoder", "vae_decoder") and model.vae.config.get("force_upcast", True)
 
 
 def architecture_facts(model: Source) -> dict:
@@ -149,7 +150,7 @@ def architecture_facts(model: Source) -> dict:
         model_max_length=min(tok.model_max_length, CLIP_LENGTH),
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         inpaint=model.inpaint)
-    if model.tiny_vae is not None:                  # SDXL's too (taesdxl)
+    if model.tiny_vae is not None:        # TAESD/TAESDXL: 1.0, its latents are the UNet's (not the VAE's scaling)
         facts["tiny_vae_scaling_factor"] = model.tiny_vae.config.scaling_factor
     if model.sdxl:
         return facts | sdxl_facts(model)

@@ -38,6 +38,8 @@ SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.token_embedding.w
 SD2_TEXT = "cond_stage_model.model.token_embedding.weight"
 SDXL_BASE = "conditioner.embedders.1.model."          # CLIP ViT-L at 0, OpenCLIP bigG at 1
 SDXL_REFINER = "conditioner.embedders.0.model."       # OpenCLIP bigG alone
+SDXL_TEXT = ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",   # ViT-L
+             SDXL_REFINER + "token_embedding.weight")
 SD2_BASE_STEP = 875000      # global_step of SD 2.0-base (512, epsilon); diffusers' rule for other SD 2 files
 
 
@@ -126,9 +128,10 @@ def from_checkpoint(shapes: Mapping[str, tuple[int, ...]], global_step: int | No
     unet_in = shapes.get(UNET_IN)
     inpaint = unet_in is not None and unet_in[1] == 9
     vpred = "v_pred" in shapes                  # the marker key some v-prediction checkpoints carry
-    if has(SDXL_BASE) or has(SDXL_REFINER):
+    if has(SDXL_BASE) or has(SDXL_REFINER):      # epsilon unless marked (v-prediction finetunes carry v_pred)
         family = "sdxl" if has(SDXL_BASE) else "sdxl-refiner"
-        return Detected(family, inpaint, "v_prediction" if vpred else None, detail="conditioner.embedders.* weights")
+        return Detected(family, inpaint, "v_prediction" if vpred else "epsilon",
+                        detail="conditioner.embedders.* weights")
     for family, marks in (("sd3", ("joint_blocks.0.", "text_encoders.")), ("flux", ("double_blocks.0.",)),
                           ("cascade", ("clip_txt_mapper.", "down_blocks.1.0.channelwise."))):
         if any(has(m) or has("model.diffusion_model." + m) for m in marks):
@@ -160,8 +163,9 @@ def predicts_v(unet) -> bool:
 
 
 def signature(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, int | None, int | None]:
-    """(UNet base channels, cross-attention width, text width) of a checkpoint: what picks a config for it."""
-    text = shapes.get(SD1_TEXT) or shapes.get(SD2_TEXT)
+    """(UNet base channels, cross-attention width, text width) of a checkpoint: what picks a config for it
+    (SDXL: the width of its first text encoder, CLIP ViT-L, or bigG in the refiner)."""
+    text = next((shapes[k] for k in (SD1_TEXT, SD2_TEXT, *SDXL_TEXT) if k in shapes), None)
     return (shapes[UNET_IN][0] if UNET_IN in shapes else None, _context_width(shapes),
             text[1] if text else None)
 

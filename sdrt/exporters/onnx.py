@@ -136,15 +136,23 @@ class TextEncoderSDXL(nn.Module):
 
 class TextEncoder2(nn.Module):
     """SDXL's OpenCLIP ViT-bigG with projection: input_ids -> text_embeds (pooled, projected),
-    last_hidden_state, every raw hidden state."""
+    last_hidden_state, every raw hidden state.
+
+    Pooled at the first end-of-text token, as OpenCLIP and A1111 pool: transformers pools at the highest
+    token id when the config's ``eos_token_id`` is 2, as SDXL's text_encoder_2 config says, which would pick
+    a textual-inversion token (ids past the vocabulary) instead. The same position for every other prompt.
+    """
 
     def __init__(self, source: Source):
         super().__init__()
         self.clip = source.text_encoder_2
+        self.eos = source.tokenizer_2.eos_token_id
 
     def forward(self, input_ids):
         out = self.clip(input_ids, output_hidden_states=True)
-        return out.text_embeds, out.last_hidden_state, torch.stack(out.hidden_states)
+        first_eos = (input_ids == self.eos).int().argmax(dim=-1)
+        pooled = out.last_hidden_state[torch.arange(input_ids.shape[0]), first_eos]
+        return self.clip.text_projection(pooled), out.last_hidden_state, torch.stack(out.hidden_states)
 
 
 class UnetSDXL(nn.Module):

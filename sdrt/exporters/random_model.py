@@ -174,16 +174,21 @@ def build_random_model(out: Path, arch: str = "tiny", *, inpaint: bool = False,
 
 
 def write_configs(out: Path, arch: str, *, inpaint: bool = False, prediction_type: str | None = None) -> Path:
-    """Write only the configs and tokenizer of ``arch`` as a diffusers folder (no weights, nothing allocated):
+    """Write only the configs and tokenizers of ``arch`` as a diffusers folder (no weights, nothing allocated):
     what ``from_single_file`` needs to load a checkpoint of that architecture offline."""
     with torch.device("meta"):
-        pipe = _pipeline(arch, inpaint, prediction_type)
+        pipe = (_sdxl_pipeline(arch, inpaint, prediction_type) if arch in SDXL_ARCHITECTURES
+                else _pipeline(arch, inpaint, prediction_type))
     out = Path(out)
     pipe.save_config(out)
     for name in ("unet", "vae", "scheduler"):
         getattr(pipe, name).save_config(out / name)
-    pipe.text_encoder.config.save_pretrained(out / "text_encoder")
-    pipe.tokenizer.save_pretrained(out / "tokenizer")
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).config.save_pretrained(out / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).save_pretrained(out / name)
     return out
 
 
@@ -232,30 +237,35 @@ def build_random_sdxl(out: Path, arch: str = "tiny-sdxl", *, inpaint: bool = Fal
 
     Both tokenizers are the shipped CLIP BPE; ``tokenizer_2`` pads with "!" (id 0), as SDXL's does.
     """
-    cfg = SDXL_ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
-    text_encoder = CLIPTextModel(_clip_config(**cfg["text"])) if "text" in cfg else None
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(**cfg["text_2"]))
-    for clip in (text_encoder, text_encoder_2):
+    pipe = _sdxl_pipeline(arch, inpaint, prediction_type)
+    for clip in (pipe.text_encoder, pipe.text_encoder_2):
         if clip is not None:
             _trained_like_final_norm(clip)
-    refiner = text_encoder is None
-    parts = dict(vae=vae.eval(), text_encoder=text_encoder and text_encoder.eval(),
-                 text_encoder_2=text_encoder_2.eval(), unet=unet.eval(),
-                 tokenizer=None if refiner else CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
-                 tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"),
-                 scheduler=EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER, "prediction_type": prediction_type}))
-    if refiner:
-        pipe = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
-                                                force_zeros_for_empty_prompt=False)
-    else:
-        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
     log.info("wrote a random %s model (inpaint=%s) to %s", arch, inpaint, out)
     return out
+
+
+def _sdxl_pipeline(arch: str, inpaint: bool, prediction_type: str | None):
+    cfg = SDXL_ARCHITECTURES[arch]
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
+    text_encoder = CLIPTextModel(_clip_config(**cfg["text"])) if "text" in cfg else None
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(**cfg["text_2"]))
+    refiner = text_encoder is None
+    with torch.device("cpu"):                   # its sigmas are copied to the CPU: never meta tensors
+        scheduler = EulerDiscreteScheduler.from_config({**SDXL_SCHEDULER,
+                                                        "prediction_type": prediction_type or "epsilon"})
+    parts = dict(vae=vae.eval(), text_encoder=text_encoder and text_encoder.eval(),
+                 text_encoder_2=text_encoder_2.eval(), unet=unet.eval(),
+                 tokenizer=None if refiner else CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+                 tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"), scheduler=scheduler)
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False)
+    return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
 
 
 def build_random_tiny_vae(out: Path, seed: int = 0, full: bool = False) -> Path:

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ExportError
 from ..specs import VAE_FACTOR
 from . import families
-from .random_model import ARCHITECTURES, write_configs
+from .random_model import ARCHITECTURES, SDXL_ARCHITECTURES, write_configs
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_FLAGS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # the architectures whose configs sdrt writes itself for a single file of that family (released shapes first)
-CONFIG_ARCHITECTURES = {"sd1": ("sd15", "tiny"), "sd2": ("sd21", "sd21-base", "tiny-sd2")}
+CONFIG_ARCHITECTURES = {"sd1": ("sd15", "tiny"), "sd2": ("sd21", "sd21-base", "tiny-sd2"),
+                        "sdxl": ("sdxl", "tiny-sdxl"), "sdxl-refiner": ("sdxl-refiner", "tiny-sdxl-refiner")}
+# the diffusers pipeline that loads a single file of each family (the refiner: text_encoder_2 only)
+SINGLE_FILE_PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
+                         "sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError)
 
 
@@ -176,18 +180,15 @@ def _from_pretrained(where: str, name: str, **kwargs) -> Source:
 def _from_single_file(path: Path, config: str | None) -> Source:
     shapes, global_step = families.read_checkpoint(path)
     detected = families.from_checkpoint(shapes, global_step)
-    if detected.family.startswith("sdxl"):
-        raise ExportError(f"{path}: SDXL single-file checkpoints are not supported yet; convert it to a diffusers "
-                          "folder (diffusers' StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR)) "
-                          "and export that folder")
     families.require_supported(detected, str(path))
     with tempfile.TemporaryDirectory(prefix="sdrt-config-") as tmp:
         local = config is None or Path(config).is_dir()
         where = config or str(_write_config(path, detected, shapes, Path(tmp)))
+        extra = ({} if detected.family.startswith("sdxl") else
+                 dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=where, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, local_files_only=local)
+            pipe = SINGLE_FILE_PIPELINES[detected.family].from_single_file(
+                str(path), config=where, local_files_only=local, **extra)
         except LOAD_ERRORS as e:
             hint = (f"check that {config} is a diffusers folder of the same architecture" if config else
                     "give a local diffusers folder of the same architecture as the export config "
@@ -197,8 +198,11 @@ def _from_single_file(path: Path, config: str | None) -> Source:
     scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     if config is None and detected.prediction_type is None:
         scheduler_config["prediction_type"] = _probe_prediction(path, detected, shapes, pipe.unet)
+    xl = detected.family.startswith("sdxl")
     return Source(name=str(path.absolute()), text_encoder=pipe.text_encoder, unet=pipe.unet, vae=pipe.vae,
-                  tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config))
+                  tokenizer=pipe.tokenizer, scheduler_config=_clean(scheduler_config),
+                  text_encoder_2=pipe.text_encoder_2 if xl else None, tokenizer_2=pipe.tokenizer_2 if xl else None,
+                  pipeline_config={k: pipe.config.get(k, v) for k, v in SDXL_FLAGS.items()} if xl else {})
 
 
 def _probe_prediction(path: Path, detected: families.Detected, shapes: dict, unet) -> str:
@@ -223,41 +227,48 @@ def _write_config(path: Path, detected: families.Detected, shapes: dict, folder:
 def _architecture(path: Path, detected: families.Detected, shapes: dict) -> str:
     """The registered architecture of the checkpoint's shapes (the one whose own prediction type agrees first)."""
     found = families.signature(shapes)
-    matches = [a for a in CONFIG_ARCHITECTURES[detected.family] if _signature(ARCHITECTURES[a]) == found]
+    matches = [a for a in CONFIG_ARCHITECTURES[detected.family] if _signature(_arch(a)) == found]
     if not matches:
         unet, context, text = found
         raise ExportError(f"{path}: a {families.NAMES[detected.family]} checkpoint of shapes sdrt has no config "
                           f"for (UNet width {unet}, cross-attention {context}, text encoder {text}); pass a "
                           "diffusers folder of the same architecture as the export config (--config DIR)")
-    return next((a for a in matches if ARCHITECTURES[a].get("prediction_type", "epsilon")
+    return next((a for a in matches if _arch(a).get("prediction_type", "epsilon")
                  == detected.prediction_type), matches[0])
 
 
+def _arch(name: str) -> dict:
+    return ARCHITECTURES.get(name) or SDXL_ARCHITECTURES[name]
+
+
 def _signature(arch: dict) -> tuple[int, int, int]:
-    return arch["unet"]["block_out_channels"][0], arch["unet"]["cross_attention_dim"], arch["text"]["hidden_size"]
+    text = arch.get("text") or arch["text_2"]       # the SDXL refiner has only bigG
+    return arch["unet"]["block_out_channels"][0], arch["unet"]["cross_attention_dim"], text["hidden_size"]
 
 
 def load_tiny_vae(where: str, model: Source, progress: bool = True):
-    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``) from a folder or hub id, in fp32 eval
-    mode, checked against ``model``'s latent space."""
+    """A diffusers ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd``; SDXL's TAESDXL,
+    ``madebyollin/taesdxl``) from a folder or hub id, in fp32 eval mode, checked against ``model``'s latent space.
+    TAESD and TAESDXL share one architecture (the weights tell them apart), so the family is not checked."""
     from diffusers import AutoencoderTiny
     path = Path(where).expanduser()
+    ours = "madebyollin/taesdxl for SDXL" if model.sdxl else "madebyollin/taesd for SD 1.x/2.x"
     if not path.is_dir() and not HUB_ID.match(where):
         raise ExportError(f"--tiny-vae {where}: no such folder, and not a hub id (owner/name); pass an "
-                          "AutoencoderTiny folder (config.json + weights) or a hub id such as madebyollin/taesd")
+                          f"AutoencoderTiny folder (config.json + weights) or a hub id: {ours}")
     try:
         with _library_progress(progress):
             vae = AutoencoderTiny.from_pretrained(str(path) if path.is_dir() else where,
                                                   local_files_only=path.is_dir())
     except LOAD_ERRORS as e:
         raise ExportError(f"--tiny-vae {where}: could not load a diffusers AutoencoderTiny ({_first_line(e)}); "
-                          "for SD 1.x/2.x use madebyollin/taesd") from None
+                          f"use {ours}") from None
     config = vae.config
     if config.latent_channels != model.vae.config.latent_channels or config.get("shift_factor", 0.0):
         raise ExportError(f"--tiny-vae {where}: its latent space ({config.latent_channels} channels, shift "
                           f"{config.get('shift_factor', 0.0)}) is not {model.name}'s "
                           f"({model.vae.config.latent_channels} channels, no shift); use the TAESD of this "
-                          "model family (madebyollin/taesd for SD 1.x/2.x)")
+                          f"model family ({ours})")
     if 2 ** (len(config.encoder_block_out_channels) - 1) != VAE_FACTOR:
         raise ExportError(f"--tiny-vae {where}: it does not downsample by {VAE_FACTOR} like the model's VAE")
     if vae.dtype != torch.float32:

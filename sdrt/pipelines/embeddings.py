@@ -7,7 +7,10 @@ embedding's name, puts those ids in their place, so the exported CLIP graph runs
 
 Formats (A1111's ``textual_inversion.create_embedding_from_data``): ``.safetensors`` with ``emb_params`` or
 one tensor (diffusers' ``learned_embeds``); ``.pt``/``.bin`` pickles with ``string_to_param`` or one tensor
-(read with torch, when installed). SDXL files (``clip_l``/``clip_g``) give their ``clip_l`` part.
+(read with torch, when installed). SDXL files hold ``clip_l`` and ``clip_g`` tensors, one per text encoder
+(CLIP ViT-L, OpenCLIP bigG): an SDXL model extends both tables, each with its own part (the refiner, bigG
+only, with ``clip_g``); an SD 1.x/2.x model takes the ``clip_l`` part. Both SDXL tokenizers are the same
+CLIP BPE, so one name spells the same token ids, which get the same new ids in both tables.
 """
 from __future__ import annotations
 
@@ -28,8 +31,13 @@ SUFFIXES = (".safetensors", ".pt", ".bin")
 @dataclass(frozen=True)
 class Embedding:
     name: str
-    vectors: np.ndarray             # (n, D) float32
+    vectors: np.ndarray             # (n, D) float32; an SDXL file's clip_l part
     path: Path
+    vectors_g: np.ndarray | None = None     # an SDXL file's clip_g part (n, D2), for SDXL's text_encoder_2
+
+    def part(self, second: bool) -> np.ndarray | None:
+        """The vectors for SDXL's second text encoder (``second``), else the first's."""
+        return self.vectors_g if second else self.vectors
 
 
 def read(path: Path) -> Embedding:
@@ -41,20 +49,28 @@ def read(path: Path) -> Embedding:
         raise
     except Exception as e:          # safetensors / torch raise their own errors on damaged files
         raise InvalidRequest(f"embedding {path}: cannot be read ({e})") from None
+    if "clip_l" in data and "clip_g" in data:
+        clip_l, clip_g = _vectors(path, data["clip_l"]), _vectors(path, data["clip_g"])
+        if len(clip_l) != len(clip_g):
+            raise InvalidRequest(f"embedding {path}: clip_l has {len(clip_l)} vectors and clip_g {len(clip_g)}; "
+                                 "an SDXL embedding has as many for both text encoders")
+        return Embedding(path.stem, clip_l, path, clip_g)
     if "string_to_param" in data:
         data = dict(data["string_to_param"])
-    elif "clip_l" in data:
-        data = {"clip_l": data["clip_l"]}
     elif "emb_params" in data:
         data = {"emb_params": data["emb_params"]}
     tensors = [v for v in data.values() if hasattr(v, "shape")]
     if len(tensors) != 1:
         raise InvalidRequest(f"embedding {path}: expected one tensor of token vectors, found keys {sorted(data)}")
-    vectors = np.asarray(tensors[0], dtype=np.float32)
+    return Embedding(path.stem, _vectors(path, tensors[0]), path)
+
+
+def _vectors(path: Path, tensor) -> np.ndarray:
+    vectors = np.asarray(tensor, dtype=np.float32)
     vectors = vectors[None] if vectors.ndim == 1 else vectors
     if vectors.ndim != 2:
         raise InvalidRequest(f"embedding {path}: vectors of shape {vectors.shape}, expected (tokens, width)")
-    return Embedding(path.stem, vectors, path)
+    return vectors
 
 
 def _tensors(path: Path) -> dict:
@@ -72,9 +88,10 @@ def _tensors(path: Path) -> dict:
     return {k: (v.detach().float().numpy() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
 
 
-def read_folder(folder: Path, width: int) -> tuple[list[Embedding], list[Path]]:
-    """Every embedding file under ``folder`` whose vectors are ``width`` wide; the others are skipped
-    (another model family, or unreadable) and returned with a warning, as A1111 lists them."""
+def read_folder(folder: Path, width: int | None, width_g: int | None = None) -> tuple[list[Embedding], list[Path]]:
+    """Every embedding file under ``folder`` whose vectors are ``width`` wide (SDXL: ``clip_l`` ``width`` and
+    ``clip_g`` ``width_g`` wide; the refiner has no ``width``); the others are skipped (another model family,
+    or unreadable) and returned with a warning, as A1111 lists them."""
     loaded, skipped = [], []
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file()):
         try:
@@ -83,13 +100,23 @@ def read_folder(folder: Path, width: int) -> tuple[list[Embedding], list[Path]]:
             log.warning("%s; skipped", e)
             skipped.append(path)
             continue
-        if emb.vectors.shape[1] != width:
-            log.warning("embedding %s has %d-wide vectors, the text encoder %d; skipped", path,
-                        emb.vectors.shape[1], width)
+        if width_g is not None and emb.vectors_g is None:
+            log.warning("embedding %s is not an SDXL embedding (no clip_l/clip_g); skipped", path)
+            skipped.append(path)
+            continue
+        found, wanted = _widths(emb, width_g is not None), (width, width_g)
+        if any(w is not None and f != w for f, w in zip(found, wanted)):
+            log.warning("embedding %s has %s-wide vectors, the text encoders %s; skipped", path,
+                        "/".join(str(f) for f, w in zip(found, wanted) if w is not None),
+                        "/".join(str(w) for w in wanted if w is not None))
             skipped.append(path)
             continue
         loaded.append(emb)
     return loaded, skipped
+
+
+def _widths(emb: Embedding, sdxl: bool) -> tuple[int, int | None]:
+    return emb.vectors.shape[1], (emb.vectors_g.shape[1] if sdxl else None)
 
 
 class Vocabulary:
@@ -115,6 +142,7 @@ class Vocabulary:
                 return ids, len(spelled)
         return None
 
-    def table(self, original: np.ndarray) -> np.ndarray:
-        """The token-embedding table extended by every embedding's vectors, in id order."""
-        return np.concatenate([original.astype(np.float32), *(e.vectors for e in self.embeddings)])
+    def table(self, original: np.ndarray, second: bool = False) -> np.ndarray:
+        """The token-embedding table extended by every embedding's vectors, in id order (``second``: SDXL's
+        text_encoder_2 table, extended by the ``clip_g`` vectors)."""
+        return np.concatenate([original.astype(np.float32), *(e.part(second) for e in self.embeddings)])

@@ -23,7 +23,7 @@ from . import images, masking, prompts, resize, samplers, schedules, sdxl
 from .conditioning import Conditioning, RowConditioning, TextEncoder, TextOptions
 from .control import Control, ControlModels, controlled_unet
 from .denoisers import Denoise, ModelDenoiser, guidance_embedding, guided, masked
-from .embeddings import SUFFIXES, Embedding, Vocabulary, read_folder
+from .embeddings import Embedding, Vocabulary, read_folder
 from .rng import make_generator
 from .tiling import OVERLAP, TILE, tiled
 from .tokenizer import ClipTokenizer
@@ -138,12 +138,21 @@ class Request:
     callback: Callable[[int, int], None] | None = None   # after each sampler step: (done, total); raise to stop
     preview: Callable[[np.ndarray], None] | None = None   # then: that step's denoised latents (B, C, h, w)
     # SDXL's size conditioning (diffusers' arguments, (height, width) pairs; None: the image's size) and the
-    # refiner's aesthetic scores
+    # refiner's aesthetic scores; the negative prompt's (negative_*) default to the positive's
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+
+    @property
+    def sdxl_conditioning(self) -> dict:
+        """The SDXL size/aesthetic fields given other values than their defaults."""
+        return {k: getattr(self, k) for k, default in sdxl.CONDITIONING_DEFAULTS.items()
+                if _as_tuple(getattr(self, k)) != default}
 
     @property
     def text_options(self) -> TextOptions:
@@ -426,16 +435,22 @@ class StableDiffusion:
     def load_embeddings(self, folder: str | Path) -> tuple[list[Embedding], list[Path]]:
         """Use every textual-inversion embedding in ``folder`` (A1111's ``embeddings``; a file's name is the
         word that calls it in prompts). Their vectors extend the text encoder's token-embedding table, which
-        is reloaded once. Returns the embeddings loaded and the files skipped (another width, unreadable)."""
-        if self.models.arch.get("family") == "sdxl":        # skipped as A1111 skips another family's
-            skipped = sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
-            log.warning("textual-inversion embeddings for SDXL are not supported yet; %d skipped", len(skipped))
-            return [], skipped
+        is reloaded once. SDXL: both text encoders' tables, each with its part of the file (``clip_l``,
+        ``clip_g``). Returns the embeddings loaded and the files skipped (another width, unreadable)."""
         weights = self._weights()
-        table = weights.original("text_encoder", TOKEN_EMBEDDING)
-        loaded, skipped = read_folder(Path(folder), table.shape[1])
-        vocabulary = Vocabulary(loaded, self.models.tokenizer.tokens, len(table))
-        self._use(weights.set_values("text_encoder", {TOKEN_EMBEDDING: vocabulary.table(table)} if loaded else {}))
+        tables = {c: weights.original(c, TOKEN_EMBEDDING) for c in ("text_encoder", "text_encoder_2")
+                  if getattr(self.models, c) is not None}
+        if len({len(t) for t in tables.values()}) != 1:
+            raise InvalidRequest(f"the text encoders' vocabularies differ in size ({[len(t) for t in tables.values()]});"
+                                 " textual-inversion embeddings need one vocabulary")
+        width = tables["text_encoder"].shape[1] if "text_encoder" in tables else None
+        width_g = tables["text_encoder_2"].shape[1] if "text_encoder_2" in tables else None
+        loaded, skipped = read_folder(Path(folder), width, width_g)
+        vocabulary = Vocabulary(loaded, self.models.tokenizer.tokens, len(next(iter(tables.values()))))
+        for component, table in tables.items():
+            second = component == "text_encoder_2"
+            self._use(weights.set_values(component, {TOKEN_EMBEDDING: vocabulary.table(table, second)}
+                                         if loaded else {}))
         self.vocabulary = vocabulary if loaded else None
         return loaded, skipped
 
@@ -522,9 +537,11 @@ class StableDiffusion:
         guidance = req.guidance_scale > 1.0 and not self.models.arch.get("time_cond_proj_dim")
         if self.models.arch.get("family") == "sdxl":
             encode = self._sdxl_encoder(req)
-            extra = (sdxl.time_ids(self.models.arch, req.height, req.width, req.original_size,
-                                   req.crops_coords_top_left, req.target_size,
-                                   req.aesthetic_score, req.negative_aesthetic_score),)
+            extra = (sdxl.time_ids(self.models.arch, req.height, req.width, **req.sdxl_conditioning),)
+        elif req.sdxl_conditioning:
+            raise InvalidRequest(f"{', '.join(req.sdxl_conditioning)}: SDXL's size and aesthetic conditioning; this "
+                                 f"model ({self.models.arch.get('family', 'Stable Diffusion 1.x/2.x')}) has none, "
+                                 "remove them")
         else:
             encode = TextEncoder(self.models.tokenizer, self.models.text_encoder, req.text_options, self.vocabulary)
             extra = ()
@@ -538,7 +555,7 @@ class StableDiffusion:
     def _sdxl_encoder(self, req: Request) -> sdxl.SDXLTextEncoder:
         m = self.models
         pairs = [(m.tokenizer, m.text_encoder), (m.tokenizer_2, m.text_encoder_2)]
-        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options) for tok, runtime in pairs
+        parts = [sdxl.HiddenStateEncoder(tok, runtime, req.text_options, self.vocabulary) for tok, runtime in pairs
                  if runtime is not None]
         return sdxl.SDXLTextEncoder(parts, bool(m.arch.get("force_zeros_for_empty_prompt")))
 
@@ -626,8 +643,9 @@ class StableDiffusion:
     def _tiny(self, name: str) -> Runtime:
         runtime = getattr(self.models, name)
         if runtime is None:
+            taesd = "madebyollin/taesdxl" if self.models.arch.get("family") == "sdxl" else "madebyollin/taesd"
             raise InvalidRequest("this export has no tiny autoencoder (TAESD); re-export the model with "
-                                 "`sdrt export MODEL OUT --tiny-vae madebyollin/taesd`, or use vae='full'")
+                                 f"`sdrt export MODEL OUT --tiny-vae {taesd}`, or use vae='full'")
         return runtime
 
     @property
@@ -663,6 +681,10 @@ class StableDiffusion:
         parameters = {"task": task, **{k: v for k, v in req.__dict__.items()
                                        if k not in ("latents", "callback", "preview")}}
         return Result(pics, seeds, texts, parameters, timings)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _lora_tag(tag: prompts.ExtraNetwork) -> tuple[str, float]:

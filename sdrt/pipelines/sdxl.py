@@ -60,23 +60,52 @@ class SDXLTextEncoder:
         return self.parts[-1].pooled(text)
 
 
+# Request fields of SDXL's size and aesthetic conditioning, with their defaults (what a non-SDXL model refuses)
+CONDITIONING_DEFAULTS = dict(original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                             aesthetic_score=6.0, negative_aesthetic_score=2.5, negative_original_size=None,
+                             negative_crops_coords_top_left=None, negative_target_size=None)
+
+
 def time_ids(arch: dict, height: int, width: int, original_size: tuple[int, int] | None = None,
              crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
-             aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> tuple[np.ndarray, np.ndarray]:
+             aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+             negative_original_size: tuple[int, int] | None = None,
+             negative_crops_coords_top_left: tuple[int, int] | None = None,
+             negative_target_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(negative, positive) time ids, as diffusers' ``_get_add_time_ids``: original size + crop's top-left +
     target size, each (height, width); sizes default to the image's. The refiner
-    (``requires_aesthetics_score``) takes the aesthetic score in place of the target size."""
-    original = tuple(original_size or (height, width))
-    target = tuple(target_size or (height, width))
-    crop = tuple(crops_coords_top_left)
-    if len(original) != 2 or len(target) != 2 or len(crop) != 2:
-        raise InvalidRequest("original_size, target_size and crops_coords_top_left are (height, width) / "
-                             "(top, left) pairs")
-    if arch.get("requires_aesthetics_score"):
-        negative, positive = original + crop + (negative_aesthetic_score,), original + crop + (aesthetic_score,)
+    (``requires_aesthetics_score``) takes the aesthetic score in place of the target size. A ``negative_*``
+    left None is the positive's value (as SGM and A1111 condition the negative prompt; diffusers' refiner
+    pipeline alone defaults the negative crop to (0, 0))."""
+    refiner = bool(arch.get("requires_aesthetics_score"))
+    if refiner and (target_size is not None or negative_target_size is not None):
+        raise InvalidRequest("the SDXL refiner takes no target size (its time ids are the original size, the "
+                             "crop and the aesthetic score); remove target_size / negative_target_size")
+    if not refiner and (aesthetic_score, negative_aesthetic_score) != (6.0, 2.5):
+        raise InvalidRequest("aesthetic_score and negative_aesthetic_score condition the SDXL refiner only; "
+                             "this SDXL model takes a target size instead")
+    original = _pair("original_size", original_size or (height, width))
+    target = _pair("target_size", target_size or (height, width))
+    crop = _pair("crops_coords_top_left", crops_coords_top_left)
+    negative = (_pair("negative_original_size", negative_original_size or original),
+                _pair("negative_crops_coords_top_left", negative_crops_coords_top_left or crop),
+                _pair("negative_target_size", negative_target_size or target))
+    if refiner:
+        positive, negative = original + crop + (aesthetic_score,), negative[0] + negative[1] + (negative_aesthetic_score,)
     else:
-        negative = positive = original + crop + target
+        positive, negative = original + crop + target, negative[0] + negative[1] + negative[2]
     count = arch.get("time_ids", len(positive))
     if len(positive) != count:
         raise InvalidRequest(f"this UNet takes {count} time ids, not {len(positive)}; re-export the model")
     return np.array(negative, np.float32), np.array(positive, np.float32)
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{name} must be a pair of numbers: (height, width) for sizes, (top, left) for the "
+                             f"crop; not {value!r}") from None
+    if first < 0 or second < 0:
+        raise InvalidRequest(f"{name} must not be negative, not {value!r}")
+    return first, second

@@ -279,7 +279,8 @@ def _embeddings(s: Service) -> dict:
     """The loaded pipeline's textual-inversion embeddings (none before the first generation loads one)."""
     vocabulary = getattr(s.checkpoints.current, "vocabulary", None)
     loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                       "shape": int(e.vectors.shape[1]), "vectors": int(e.vectors.shape[0])}
+                       "shape": int(e.vectors.shape[1] + (0 if e.vectors_g is None else e.vectors_g.shape[1])),
+                       "vectors": int(e.vectors.shape[0])}          # SDXL: clip_l + clip_g widths, as A1111
               for e in (vocabulary.embeddings if vocabulary else [])}
     return {"loaded": loaded, "skipped": {}}
 

@@ -1,8 +1,9 @@
-"""Test helper: turn a diffusers SD folder into an A1111-style single-file checkpoint (original LDM keys).
+"""Test helper: turn a diffusers SD folder into an A1111-style single-file checkpoint (original LDM keys;
+SDXL: Stability's SGM keys, ``conditioner.embedders.*`` for the text encoders).
 
 The inverse of diffusers' ``single_file_utils`` conversion (after diffusers'
-scripts/convert_diffusers_to_original_stable_diffusion.py), generalised to any number of UNet/VAE blocks
-so the tiny test model converts too.
+scripts/convert_diffusers_to_original_stable_diffusion.py and convert_diffusers_to_original_sdxl.py),
+generalised to any number of UNet/VAE blocks so the tiny test models convert too.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from safetensors.torch import load_file, save_file
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
 UNET_TOP = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-            ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+            ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+            ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]
 VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
             ("to_out.0.", "proj_out.")]
 
@@ -90,9 +92,8 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
-def text_to_ldm(state: dict) -> dict:
-    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-            for k, v in state.items()}
+def text_to_ldm(state: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    return {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 OPENCLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
@@ -102,12 +103,14 @@ OPENCLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
             ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
 
 
-def text_to_open_clip(state: dict, config: dict) -> dict:
+def text_to_open_clip(state: dict, config: dict, prefix: str = "cond_stage_model.model.") -> dict:
     """A CLIPTextModel in SD 2's OpenCLIP layout (``cond_stage_model.model.*``): fused q/k/v ``in_proj``,
-    plus the ``text_projection`` and ``logit_scale`` an SD 2 checkpoint carries (unused by SD)."""
+    plus the ``text_projection`` and ``logit_scale`` an SD 2 checkpoint carries (unused by SD). A
+    CLIPTextModelWithProjection (SDXL's bigG) keeps its own projection, stored transposed as OpenCLIP does."""
     out = {}
+    projection = state.pop("text_projection.weight", None)
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
     for key, value in state.items():
-        key = key.removeprefix("text_model.")
         if ".self_attn.q_proj." in key:
             kind = key.rsplit(".", 1)[1]
             fused = torch.cat([state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
@@ -116,12 +119,22 @@ def text_to_open_clip(state: dict, config: dict) -> dict:
             continue
         for new, old in OPENCLIP:
             key = key.replace(new, old)
-        out["cond_stage_model.model." + key] = value
+        out[prefix + key] = value
     generator = torch.Generator().manual_seed(0)
-    out["cond_stage_model.model.text_projection"] = torch.randn(config["hidden_size"], config["projection_dim"],
-                                                                generator=generator)
-    out["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    out[prefix + "text_projection"] = (projection.T if projection is not None else
+                                       torch.randn(config["hidden_size"], config["projection_dim"], generator=generator))
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)
     return out
+
+
+def sdxl_text_to_sgm(model_dir: Path, part) -> dict:
+    """SDXL's text encoders in SGM's layout; the refiner has only bigG, at ``conditioner.embedders.0``."""
+    bigg, bigg_cfg = part("text_encoder_2", "model.safetensors")
+    if not (model_dir / "text_encoder").is_dir():
+        return text_to_open_clip(bigg, bigg_cfg, "conditioner.embedders.0.model.")
+    clip, _ = part("text_encoder", "model.safetensors")
+    return {**text_to_ldm(clip, "conditioner.embedders.0.transformer."),
+            **text_to_open_clip(bigg, bigg_cfg, "conditioner.embedders.1.model.")}
 
 
 def to_single_file(model_dir: Path, out: Path) -> Path:
@@ -131,9 +144,12 @@ def to_single_file(model_dir: Path, out: Path) -> Path:
                 json.loads((model_dir / name / "config.json").read_text()))
     unet, unet_cfg = part("unet", "diffusion_pytorch_model.safetensors")
     vae, vae_cfg = part("vae", "diffusion_pytorch_model.safetensors")
-    text, text_cfg = part("text_encoder", "model.safetensors")
-    open_clip = text_cfg["hidden_act"] == "gelu"                  # SD 2's text encoder
-    text = text_to_open_clip(text, text_cfg) if open_clip else text_to_ldm(text)
+    if (model_dir / "text_encoder_2").is_dir():                   # SDXL: embedders.0 CLIP ViT-L, .1 bigG
+        text = sdxl_text_to_sgm(model_dir, part)
+    else:
+        text, text_cfg = part("text_encoder", "model.safetensors")
+        open_clip = text_cfg["hidden_act"] == "gelu"              # SD 2's text encoder
+        text = text_to_open_clip(text, text_cfg) if open_clip else text_to_ldm(text)
     state = {**unet_to_ldm(unet, unet_cfg), **vae_to_ldm(vae, vae_cfg), **text}
     state = {k: v.contiguous() for k, v in state.items()}
     if out.suffix == ".ckpt":

@@ -246,3 +246,28 @@ def test_bad_out_folder(tiny_model_dir, tmp_path):
         export(str(tiny_model_dir), tmp_path / "file", progress=False)
     with pytest.raises(ExportError, match="opset"):
         export(str(tiny_model_dir), tmp_path / "new", ExportOptions(opset=13), progress=False)
+
+
+def test_sdxl_text_embeds_pool_at_the_first_end_token():
+    """SDXL's released text_encoder_2 config has eos_token_id 2, so transformers pools at the highest id: a
+    textual-inversion token (>= 49408) there. The exported pooling takes the first end token (49407), as
+    transformers does for a config with the right eos_token_id."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdrt.exporters.onnx import TextEncoder2
+    torch.manual_seed(0)
+    config = dict(vocab_size=49410, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=24, hidden_act="gelu", bos_token_id=0, pad_token_id=1)
+    legacy = CLIPTextModelWithProjection(CLIPTextConfig(**config, eos_token_id=2)).eval()
+    fixed = CLIPTextModelWithProjection(CLIPTextConfig(**config, eos_token_id=49407)).eval()
+    fixed.load_state_dict(legacy.state_dict())
+    wrapper = TextEncoder2(SimpleNamespace(text_encoder_2=legacy, tokenizer_2=SimpleNamespace(eos_token_id=49407)))
+    ids = torch.tensor([[49406, 320, 49408, 49409, 1929, 49407] + [0] * 71,          # with embedding tokens
+                        [49406, 320, 1929, 49407] + [0] * 73])
+    with torch.no_grad():
+        ours, theirs, old = wrapper(ids)[0], fixed(ids).text_embeds, legacy(ids).text_embeds
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours[1], old[1])                   # no new token: the same as before
+    assert not torch.allclose(ours[0], old[0])

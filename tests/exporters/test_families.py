@@ -13,7 +13,7 @@ from sdrt.exporters import architecture_facts, export, families   # noqa: E402
 from sdrt.exporters.random_model import ARCHITECTURES, _pipeline  # noqa: E402
 from sdrt.exporters.sources import load_source                    # noqa: E402
 
-from .ldm import text_to_ldm, text_to_open_clip, to_single_file, unet_to_ldm   # noqa: E402
+from .ldm import text_to_ldm, text_to_open_clip, to_single_file, unet_to_ldm, vae_to_ldm   # noqa: E402
 
 
 def write_folder(folder, model_index: dict, **configs):
@@ -183,6 +183,43 @@ def test_released_architectures():
     assert ARCHITECTURES["sd21"]["unet"]["attention_head_dim"] == (5, 10, 20, 20)    # 64-wide heads
 
 
+def sgm_state(arch: str) -> dict:
+    """A full-size SGM checkpoint of the SDXL ``arch`` sdrt writes configs for, as meta tensors."""
+    from sdrt.exporters.random_model import _sdxl_pipeline
+    with torch.device("meta"):
+        pipe = _sdxl_pipeline(arch, False, None)
+    state = {**unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
+             **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config))}
+    bigg = pipe.text_encoder_2
+    if pipe.text_encoder is None:
+        return state | text_to_open_clip(bigg.state_dict(), bigg.config.to_dict(), "conditioner.embedders.0.model.")
+    return (state | text_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer.")
+            | text_to_open_clip(bigg.state_dict(), bigg.config.to_dict(), "conditioner.embedders.1.model."))
+
+
+def test_released_sdxl_architectures():
+    """The configs sdrt writes for SDXL base/refiner files give the released checkpoints' key shapes, and
+    diffusers' own detection names them xl_base / xl_refiner."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    base, refiner = sgm_state("sdxl"), sgm_state("sdxl-refiner")
+    shapes = {k: tuple(v.shape) for k, v in base.items()}
+    unet = "model.diffusion_model."
+    assert shapes[unet + "label_emb.0.0.weight"] == (1280, 2816)
+    assert shapes[unet + "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"] == (1280, 2048)
+    assert shapes[unet + "output_blocks.2.2.conv.weight"] == (1280, 1280, 3, 3)
+    assert shapes["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert shapes["conditioner.embedders.1.model.text_projection"] == (1280, 1280)
+    assert shapes["conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight"] == (3072, 768)
+    assert tuple(refiner[unet + "label_emb.0.0.weight"].shape) == (1536, 2560)
+    assert tuple(refiner[unet + "input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight"].shape) == (768, 1280)
+    assert (infer_diffusers_model_type(base), infer_diffusers_model_type(refiner)) == ("xl_base", "xl_refiner")
+    for state, family, signature in ((base, "sdxl", (320, 2048, 768)), (refiner, "sdxl-refiner", (384, 1280, 1280))):
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        assert families.from_checkpoint(shapes) == families.Detected(family, False, "epsilon",
+                                                                    detail="conditioner.embedders.* weights")
+        assert families.signature(shapes) == signature
+
+
 def test_unsupported_single_files(tmp_path):
     from safetensors.torch import save_file
     def z():
@@ -191,7 +228,7 @@ def test_unsupported_single_files(tmp_path):
         "sdxl": ({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": z(),
                   "conditioner.embedders.1.model.positional_embedding": z(),
                   "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)},
-                 "SDXL single-file checkpoints are not supported yet"),
+                 r"a Stable Diffusion XL checkpoint of shapes sdrt has no config for \(UNet width 320"),
         "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": z()}, "Flux .* not supported"),
         "sd3": ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": z()},
                 "Stable Diffusion 3 .* not supported"),

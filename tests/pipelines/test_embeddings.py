@@ -81,3 +81,18 @@ def test_cli_embeddings_dir(pipe, tiny_export, folder, tmp_path):
                  "--output", str(out)]) == 0
     expected = pipe.txt2img("a fox-style painting", width=64, height=64, steps=2, seed=5, sampler="Euler a")
     assert (np.asarray(Image.open(out)) == np.asarray(expected.images[0])).all()
+
+
+def test_sdxl_files_give_both_parts(tmp_path):
+    """clip_l for the first text encoder (and SD 1.x), clip_g for SDXL's second; an SDXL model skips others."""
+    save_file({"clip_l": torch.ones(2, 32), "clip_g": torch.ones(2, 48)}, str(tmp_path / "xl.safetensors"))
+    save_file({"emb_params": torch.ones(1, 32)}, str(tmp_path / "sd1.safetensors"))
+    save_file({"clip_l": torch.ones(2, 32), "clip_g": torch.ones(3, 48)}, str(tmp_path / "torn.safetensors"))
+    emb = embeddings.read(tmp_path / "xl.safetensors")
+    assert emb.vectors.shape == (2, 32) and emb.vectors_g.shape == (2, 48) and emb.part(True) is emb.vectors_g
+    with pytest.raises(InvalidRequest, match="as many for both text encoders"):
+        embeddings.read(tmp_path / "torn.safetensors")
+    def names(*widths):
+        return [e.name for e in embeddings.read_folder(tmp_path, *widths)[0]]
+    assert names(32, 48) == names(None, 48) == ["xl"]            # SDXL base, refiner (bigG only)
+    assert names(32) == ["sd1", "xl"] and names(32, 64) == []     # SD 1.x: the clip_l part; another width

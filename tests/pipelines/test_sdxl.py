@@ -148,6 +148,57 @@ def test_size_conditioning(xl, xl_dir):
     assert np.abs(pixels(default) - pixels(ours)).max() > TOLERANCE     # the time ids do reach the UNet
 
 
+def test_size_conditioning_from_the_cli(xl_export, xl_dir, tmp_path, capsys):
+    """`sdrt generate` flags (WxH sizes, X,Y corners) reach diffusers' (height, width) / (top, left) arguments,
+    the negative prompt's own included."""
+    from PIL import Image
+
+    from sdrt.cli import main
+    out = tmp_path / "xl.png"
+    assert main(["generate", str(xl_export), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--width", "64",
+                 "--height", "48", "--steps", str(STEPS), "--seed", "17", "--runtime", "onnxruntime",
+                 "--original-size", "384x512", "--crop-top-left", "8,16", "--target-size", "320x256",
+                 "--negative-original-size", "256x200", "--negative-crop-top-left", "0,24",
+                 "--negative-target-size", "128x128", "--output", str(out)]) == 0
+    ours = np.asarray(Image.open(out), dtype=np.int16)[None]
+    theirs = reference(xl_dir, "StableDiffusionXLPipeline", 17, height=48, width=SIZE, original_size=(512, 384),
+                       crops_coords_top_left=(16, 8), target_size=(256, 320), negative_original_size=(200, 256),
+                       negative_crops_coords_top_left=(24, 0), negative_target_size=(128, 128))
+    diff = int(np.abs(ours - theirs).max())
+    WORST["sdxl txt2img[size conditioning, CLI]"] = diff
+    assert diff <= TOLERANCE
+    same_negative = reference(xl_dir, "StableDiffusionXLPipeline", 17, height=48, width=SIZE, original_size=(512, 384),
+                              crops_coords_top_left=(16, 8), target_size=(256, 320))
+    assert np.abs(ours - same_negative).max() > TOLERANCE       # the negative time ids do reach the UNet
+
+
+def test_refiner_size_conditioning(refiner, refiner_dir, init_image):
+    sizes = dict(original_size=(300, 200), crops_coords_top_left=(12, 4), negative_original_size=(128, 96),
+                 negative_crops_coords_top_left=(0, 20), aesthetic_score=8.5, negative_aesthetic_score=1.0)
+    ours = refiner.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.5, steps=STEPS, seed=18, **sizes)
+    compare("sdxl refiner img2img[size conditioning]", ours,
+            reference(refiner_dir, "StableDiffusionXLImg2ImgPipeline", 18, image=init_image, strength=0.5, **sizes))
+
+
+def test_size_conditioning_errors(xl, refiner, tiny_export, tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.errors import InvalidRequest
+    kwargs = dict(width=SIZE, height=SIZE, steps=1)
+    with pytest.raises(InvalidRequest, match="refiner takes no target size"):
+        refiner.txt2img(PROMPT, target_size=(64, 64), **kwargs)
+    with pytest.raises(InvalidRequest, match="condition the SDXL refiner only"):
+        xl.txt2img(PROMPT, aesthetic_score=7.0, **kwargs)
+    with pytest.raises(InvalidRequest, match=r"original_size must be a pair of numbers"):
+        xl.txt2img(PROMPT, original_size=(64,), **kwargs)
+    args = ["generate", str(tiny_export), "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1",
+            "--output", str(tmp_path / "x.png")]
+    assert main(args + ["--original-size", "512x512", "--aesthetic-score", "7"]) == 2
+    assert "original_size, aesthetic_score: SDXL's size and aesthetic conditioning" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--crop-top-left", "8x8"])
+    assert "expected X,Y pixels" in capsys.readouterr().err
+
+
 def test_img2img(xl, xl_dir, init_image):
     ours = xl.img2img(init_image, PROMPT, negative_prompt=NEGATIVE, strength=0.6, steps=STEPS, seed=6)
     compare("sdxl img2img", ours,
@@ -210,12 +261,14 @@ def test_openvino_gives_the_onnxruntime_image(xl, xl_export):
     assert np.abs(pixels(ov.txt2img(PROMPT, **kwargs)) - pixels(xl.txt2img(PROMPT, **kwargs))).max() <= 1
 
 
-def test_fp16_export_keeps_the_vae_fp32(tmp_path_factory, xl_dir, xl):
-    """SDXL's VAE overflows fp16 (force_upcast): an --fp16 export keeps both VAE graphs fp32."""
-    out = _export(tmp_path_factory, xl_dir, "sdxl_fp16", fp16=True, check_parity=False)
+def test_fp16_export_keeps_the_vae_fp32(tmp_path_factory, xl_dir, xl, tiny_taesd_dir):
+    """SDXL's VAE overflows fp16 (force_upcast): an --fp16 export keeps both VAE graphs fp32 (the tiny
+    autoencoder, TAESDXL, has no force_upcast: fp16)."""
+    out = _export(tmp_path_factory, xl_dir, "sdxl_fp16", fp16=True, check_parity=False, tiny_vae=str(tiny_taesd_dir))
     precisions = {name: c.precision for name, c in mf.read(out).components.items()}
     assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16",
-                          "vae_encoder": "fp32", "vae_decoder": "fp32"}
+                          "vae_encoder": "fp32", "vae_decoder": "fp32",
+                          "vae_encoder_tiny": "fp16", "vae_decoder_tiny": "fp16"}
     half = sdrt.load(out, runtime="onnxruntime", progress=False)
     kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=11)
     assert np.abs(pixels(half.txt2img(PROMPT, **kwargs)) - pixels(xl.txt2img(PROMPT, **kwargs))).max() <= 2
@@ -296,11 +349,40 @@ def test_lora_on_both_text_encoders_and_the_unet(xl_export, xl_dir, tmp_path):
     assert np.abs(pixels(ours.txt2img(PROMPT, **kwargs)) - pixels(with_lora)).max() == 0
 
 
-def test_embeddings_are_skipped_not_misapplied(xl, tmp_path):
-    from safetensors.numpy import save_file
-    save_file({"emb_params": np.ones((2, 32), np.float32)}, str(tmp_path / "style.safetensors"))
-    assert xl.load_embeddings(tmp_path) == ([], [tmp_path / "style.safetensors"])
-    assert xl.vocabulary is None
+def test_textual_inversion_on_both_text_encoders(xl, xl_export, xl_dir, refiner, refiner_export, refiner_dir,
+                                                 init_image, tmp_path):
+    """A1111's SDXL embeddings (clip_l + clip_g, called by file name) extend each text encoder's table with its
+    part: diffusers' image with load_textual_inversion of each part into its encoder (token= the name); the
+    refiner (bigG only) takes clip_g. An SD 1.x embedding in the folder is skipped."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(1)
+    parts = {"clip_l": torch.randn(2, 32, generator=g) * 0.4, "clip_g": torch.randn(2, 48, generator=g) * 0.4}
+    save_file(parts, str(tmp_path / "fox-style.safetensors"))
+    save_file({"emb_params": torch.ones(2, 32)}, str(tmp_path / "sd1-style.safetensors"))
+    prompt, negative = "a fox-style painting of a fox in the snow", "blurry fox-style"
+    kwargs = dict(negative_prompt=negative, steps=STEPS, sampler="Euler", seed=21)
+    cases = ((xl, xl_export, xl_dir, "StableDiffusionXLPipeline", ("clip_l", "clip_g"), (prompt,),
+              dict(width=SIZE, height=SIZE)),
+             (refiner, refiner_export, refiner_dir, "StableDiffusionXLImg2ImgPipeline", ("clip_g",),
+              (init_image, prompt), dict(strength=0.6)))
+    for plain, export, folder, cls, used, args, task_args in cases:
+        ours = sdrt.load(export, runtime="onnxruntime", progress=False, embeddings_dir=tmp_path)
+        assert [e.name for e in ours.vocabulary.embeddings] == ["fox-style"]
+        pipe = getattr(diffusers, cls).from_pretrained(folder)       # a fresh one: the embeddings change it
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for part in used:
+            encoder, tokenizer = ("text_encoder_2", "tokenizer_2") if part == "clip_g" else ("text_encoder", "tokenizer")
+            pipe.load_textual_inversion(parts[part], token="fox-style", text_encoder=getattr(pipe, encoder),
+                                        tokenizer=getattr(pipe, tokenizer))
+        with torch.no_grad():
+            out = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+                       generator=[torch.Generator("cpu").manual_seed(21)], output_type="np", **task_args,
+                       **({"image": init_image} if len(args) == 2 else {})).images
+        theirs = (out * 255).round().astype(np.int16)
+        task = "img2img" if len(args) == 2 else "txt2img"
+        compare(f"sdxl textual inversion[{cls}]", getattr(ours, task)(*args, **task_args, **kwargs), theirs)
+        assert np.abs(pixels(getattr(plain, task)(*args, **task_args, **kwargs)) - theirs).max() > 8   # it matters
 
 
 SGM_MODULES = {   # diffusers path -> kohya's SGM spelling of the tiny SDXL (layers_per_block 2, attention in
@@ -349,12 +431,71 @@ def test_kohya_sdxl_lora_with_sgm_names(xl_export, xl_dir, tmp_path):
     compare("sdxl kohya lora (SGM names)", ours.txt2img(PROMPT, **kwargs), theirs)
 
 
-def test_sdxl_single_file_is_refused_with_the_way_out(tmp_path):
-    from safetensors.numpy import save_file
+@pytest.fixture(scope="module")
+def xl_file_export(tmp_path_factory, xl_dir, tiny_taesd_dir):
+    """The tiny SDXL as an A1111-style SGM single file, exported offline (the configs sdrt writes) with a tiny
+    autoencoder (TAESDXL's structure: TAESD's, other weights)."""
+    from sdrt.exporters import families
 
-    from sdrt.errors import ExportError
-    from sdrt.exporters import export
-    checkpoint = tmp_path / "sd_xl_base.safetensors"
-    save_file({"conditioner.embedders.1.model.text_projection": np.zeros((2, 2), np.float32)}, str(checkpoint))
-    with pytest.raises(ExportError, match="SDXL single-file checkpoints are not supported yet.*save_pretrained"):
-        export(str(checkpoint), tmp_path / "out", progress=False)
+    from ..exporters.ldm import to_single_file
+    checkpoint = to_single_file(xl_dir, tmp_path_factory.mktemp("sdxl_single_file") / "sd_xl.safetensors")
+    assert families.from_checkpoint(*families.read_checkpoint(checkpoint)).family == "sdxl"
+    return _export(tmp_path_factory, checkpoint, "sdxl_single_file_export", check_parity=False,
+                   tiny_vae=str(tiny_taesd_dir))
+
+
+def test_single_file_checkpoint(xl_file_export, xl, init_image):
+    """The single file's export gives the images of the diffusers folder it was made from."""
+    facts = mf.read(xl_file_export).architecture
+    assert facts.pop("tiny_vae_scaling_factor") == 1.0 and facts == xl.models.arch
+    ours = sdrt.load(xl_file_export, runtime="onnxruntime", progress=False)
+    kwargs = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS, seed=16)
+    for task, args in (("txt2img", (PROMPT,)), ("img2img", (init_image, PROMPT))):
+        image, theirs = getattr(ours, task)(*args, **kwargs), getattr(xl, task)(*args, **kwargs)
+        assert np.abs(pixels(image) - pixels(theirs)).max() == 0, task
+
+
+def test_tiny_vae(xl_file_export, xl_dir, tiny_taesd_dir, init_image):
+    """vae="tiny" decodes (and encodes) with the tiny autoencoder at its own scaling (1.0, not SDXL's 0.13025),
+    as diffusers' SDXL pipelines with ``vae=AutoencoderTiny``."""
+    ours = sdrt.load(xl_file_export, runtime="onnxruntime", progress=False)
+    base, config = diffusers_pipe(xl_dir, "StableDiffusionXLPipeline")
+    components = {**base.components, "vae": diffusers.AutoencoderTiny.from_pretrained(tiny_taesd_dir),
+                  "scheduler": diffusers.EulerDiscreteScheduler.from_config(config)}
+    kwargs = dict(negative_prompt=NEGATIVE, steps=STEPS, sampler="Euler", vae="tiny")
+    for cls, seed, args, extra in (("StableDiffusionXLPipeline", 19, (PROMPT,), dict(height=SIZE, width=SIZE)),
+                                   ("StableDiffusionXLImg2ImgPipeline", 20, (init_image, PROMPT),
+                                    dict(image=init_image, strength=0.6))):
+        pipe = getattr(diffusers, cls)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np",
+                       generator=[torch.Generator("cpu").manual_seed(seed)], **extra).images
+        task = "txt2img" if len(args) == 1 else "img2img"
+        image = getattr(ours, task)(*args, seed=seed, **({"strength": 0.6} if task == "img2img" else
+                                                          dict(width=SIZE, height=SIZE)), **kwargs)
+        compare(f"sdxl {task}[tiny vae]", image, (out * 255).round().astype(np.int16))
+        assert "VAE Decoder: TAESD" in image.infotexts[0]
+
+
+def test_without_a_tiny_vae_sdxl_names_taesdxl(xl):
+    from sdrt.errors import InvalidRequest
+    with pytest.raises(InvalidRequest, match="--tiny-vae madebyollin/taesdxl"):
+        xl.txt2img(PROMPT, width=SIZE, height=SIZE, steps=1, vae="tiny")
+def test_single_file_refiner_loads_the_folders_model(refiner_dir, tmp_path):
+    """The refiner's single file (bigG alone, at conditioner.embedders.0) gives the folder's weights, flags and
+    architecture facts (its export is the folder's code path from there)."""
+    from sdrt.exporters import architecture_facts
+    from sdrt.exporters.sources import load_source
+
+    from ..exporters.ldm import to_single_file
+    loaded = load_source(str(to_single_file(refiner_dir, tmp_path / "refiner.safetensors")), progress=False)
+    folder = load_source(str(refiner_dir), progress=False)
+    assert loaded.text_encoder is None and loaded.tokenizer is None and loaded.detected.family == "sdxl-refiner"
+    for part in ("text_encoder_2", "unet", "vae"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(folder, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert loaded.pipeline_config == {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    assert architecture_facts(loaded) == architecture_facts(folder)
+    assert loaded.scheduler_config == folder.scheduler_config
