@@ -112,10 +112,11 @@ class OvRuntime:
     def _misfit(self, name: str, shape: tuple, static: tuple) -> str:
         symbols = self.spec.input(name).shape
         built, asked = _size(symbols, static), _size(symbols, shape)
+        rebuild = builds.static_rebuild(f"sdrt build {self.folder or 'OUT'} --backend openvino", self.spec.name,
+                                        shape[0] if symbols[:1] == ("B",) else 1, asked)
         return (f"{self.spec.name}: '{name}' has shape {shape}, but this OpenVINO build is static for "
-                f"{static}{f' ({built})' if built else ''}; rebuild with `sdrt build {self.folder or 'OUT'} "
-                f"--backend openvino --static {asked or 'WIDTHxHEIGHT'} --batch N` for N images per request "
-                "(static builds assume guidance_scale > 1), or build without --static for any size")
+                f"{static}{f' ({built})' if built else ''}; rebuild with {rebuild}, or build without --static "
+                "for any size and batch")
 
 
 def load(path: Path, spec: ComponentSpec, threads: int = 0, device: str = "CPU",
@@ -227,10 +228,15 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     if options.ranged():
         raise InvalidRequest(f"{', '.join(options.ranged())} set TensorRT shape ranges; OpenVINO builds are dynamic, "
                              "or static with --static WIDTHxHEIGHT --batch N")
+    if not options.cfg and options.static is None:
+        raise InvalidRequest("--no-cfg fixes the UNet's batch of a static build; a dynamic OpenVINO build takes "
+                             "any batch: add --static WIDTHxHEIGHT or drop --no-cfg")
     check_device(options.device)
     settings = {"precision": _precision(manifest, options.precision),
                 "static": list(options.static) if options.static else None,
                 "batch": (options.batch or 1) if options.static else None}
+    if not options.cfg:             # recorded only when set, so the builds made before the option keep their key
+        settings["cfg"] = False
     int8 = settings["precision"] == "int8"
     if int8:
         from ..quantize import openvino as quantize
@@ -270,8 +276,8 @@ def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, op
     model = ov.convert_model(str(onnx_path)) if options.precision == "int8" else _core().read_model(str(onnx_path))
     if options.static is not None:
         width, height = options.static
-        model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height,
-                                                                   options.batch or 1).items()})
+        model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height, options.batch or 1,
+                                                                   options.cfg).items()})
     ov.save_model(model, str(xml), compress_to_fp16=options.precision == "fp16")   # else the export's own
 
 

@@ -121,7 +121,7 @@ def test_io_binding_gives_the_outputs_of_run(tiny_export):
 
 def test_tensorrt_ep_options_use_the_export_cache_and_the_profiles(tiny_export):
     manifest = mf.read(tiny_export)
-    profile = trt_build.profile(SPECS["unet"], "unet", manifest.architecture,
+    profile = trt_build.profile(SPECS["unet"], manifest.architecture,
                                 trt_build.shape_range(BuildOptions(backend="tensorrt"), 64))
     options = ortrt.provider_options("TensorrtExecutionProvider", tiny_export, profile, fp16=True)
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"] and options["trt_fp16_enable"]
