@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
-from ..specs import ALL_SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import VAE_FACTOR, ComponentSpec, half, spec_for
 from . import builds
 from .base import check_feeds
 
@@ -248,8 +248,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         with builds.staging(entry.parent, entry.name) as tmp:
             components = {}
             for name, comp in _bar(manifest.components.items(), "openvino: converting", progress):
-                _convert(ov, folder / comp.file, tmp / f"{name}.xml", ALL_SPECS[comp.spec], manifest.architecture,
-                         options)
+                _convert(ov, folder / comp.file, tmp / f"{name}.xml", spec_for(comp, manifest.architecture),
+                         manifest.architecture, options)
                 precision = settings["precision"] if options.precision else comp.precision   # SDXL: fp32 VAE
                 components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": precision}
             record = {"backend": "openvino", "version": ov.__version__, "options": settings, "sources": sources,
@@ -264,7 +264,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         judge("openvino", record["quality"], options.min_cosine, options.min_psnr)
     computes = {}
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
-        spec = half(ALL_SPECS[comp.spec]) if comp.precision == "fp16" else ALL_SPECS[comp.spec]
+        spec = spec_for(comp, manifest.architecture)
+        spec = half(spec) if comp.precision == "fp16" else spec
         computes[name] = OvRuntime(entry / f"{name}.xml", spec, device=options.device).inference_precision
     builds.annotate(entry, "compiled", {"device": options.device, "inference_precision": computes})
     return entry

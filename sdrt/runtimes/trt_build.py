@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest
-from ..specs import ALL_SPECS, CLIP_LENGTH, ComponentSpec, controlnet, half, unet_control
+from ..specs import CLIP_LENGTH, ComponentSpec, half, spec_for
 from . import builds
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,13 @@ def profile(spec: ComponentSpec, arch: dict, shapes: ShapeRange, cfg: bool = Tru
 
 def graphs(manifest: mf.Manifest) -> dict[str, tuple[mf.Component, ComponentSpec]]:
     """Every graph of the export an engine is built for, with its spec (fp16 graphs get the fp16 spec)."""
-    found = {name: (c, ALL_SPECS[c.spec]) for name, c in manifest.components.items()}
-    found |= {f"{name}_tiling": (c, ALL_SPECS[c.spec]) for name, c in manifest.tiling.items()}
-    if manifest.unet_control is not None or manifest.controlnets:
-        layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
-        if manifest.unet_control is not None:
-            found["unet_control"] = (manifest.unet_control, unet_control(layout, manifest.unet_control.spec))
-        found |= {f"controlnet/{name}": (c, controlnet(layout, c.spec)) for name, c in manifest.controlnets.items()}
+    arch = manifest.architecture
+    found = dict(manifest.components)
+    found |= {f"{name}_tiling": c for name, c in manifest.tiling.items()}
+    if manifest.unet_control is not None:
+        found["unet_control"] = manifest.unet_control
+    found |= {f"controlnet/{name}": c for name, c in manifest.controlnets.items()}
+    found = {name: (c, spec_for(c, arch)) for name, c in found.items()}
     return {name: (c, half(spec) if c.precision == "fp16" else spec) for name, (c, spec) in found.items()}
 
 

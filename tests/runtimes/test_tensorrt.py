@@ -15,7 +15,7 @@ from sdrt.cli import main
 from sdrt.errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
 from sdrt.runtimes import backend, tensorrt, trt_build
 from sdrt.runtimes.builds import BuildOptions
-from sdrt.specs import ALL_SPECS, SPECS, UNET, controlnet, unet_control
+from sdrt.specs import ALL_SPECS, SPECS, UNET, controlnet, spec_for, unet_control
 
 # SD 1.5's ControlNet residuals: (channels, latent downsampling), 12 down blocks and the mid block
 SD15_LAYOUT = ((320, 1), (320, 1), (320, 1), (320, 2), (640, 2), (640, 2), (640, 4), (1280, 4), (1280, 4),
@@ -142,6 +142,20 @@ def test_controlnet_residuals_match_unet_control_inputs(static):
     assert opt["down_block_additional_residuals_11"] == [2, 1280, 8, 8]
     assert opt["mid_block_additional_residual"] == [2, 1280, 8, 8]
     assert p["unet_control"]["sample"] == p["unet"]["sample"]
+
+
+def test_spec_for_every_graph_of_a_manifest():
+    """One lookup: the fixed specs by name, the ControlNet graphs from the export's residual layout (SD and SDXL)."""
+    manifest = sd15()
+    assert spec_for(manifest.components["unet"], SD15_ARCH) is ALL_SPECS["unet"]
+    assert spec_for(manifest.unet_control, SD15_ARCH) == unet_control(SD15_LAYOUT)
+    assert spec_for(manifest.controlnets["canny"], SD15_ARCH) == controlnet(SD15_LAYOUT)
+    xl = {n: spec_for(mf.Component(n, "x.onnx"), SD15_ARCH) for n in ("unet_control_sdxl", "controlnet_sdxl")}
+    assert xl == {"unet_control_sdxl": unet_control(SD15_LAYOUT, "unet_control_sdxl"),
+                  "controlnet_sdxl": controlnet(SD15_LAYOUT, "controlnet_sdxl")}
+    assert {n: s for n, (_, s) in trt_build.graphs(manifest).items()} == {
+        **{n: spec_for(c, SD15_ARCH) for n, c in manifest.components.items()},
+        "unet_control": unet_control(SD15_LAYOUT), "controlnet/canny": controlnet(SD15_LAYOUT)}
 
 
 def test_fp16_export_profiles_and_refit_list():
@@ -289,7 +303,7 @@ def engines(tiny_export):
 def run_both(folder: Path, engine_entry: Path, component: str, sizes: dict):
     from sdrt.runtimes import onnxruntime
     manifest = mf.read(folder)
-    spec = SPECS[manifest.components[component].spec]
+    spec = spec_for(manifest.components[component], manifest.architecture)
     x = spec.sample(np.random.default_rng(0), **sizes)
     reference = onnxruntime.load(folder / manifest.components[component].file, spec,
                                  providers=("CPUExecutionProvider",)).run(x)
