@@ -373,7 +373,7 @@ def build_gpu(folder: Path, manifest: mf.Manifest, options: builds.BuildOptions,
         components, fused = {}, {}
         for name, comp in tqdm(list(manifest.components.items()), desc="onnxruntime: fusing for the GPU",
                                unit="component", disable=None if progress else True, leave=False):
-            fused[name] = ort_graphs.fuse(folder / comp.file, tmp / f"{name}.onnx", name,
+            fused[name] = ort_graphs.fuse(folder / comp.file, tmp / f"{name}.onnx", comp.spec,
                                           fp16=prec == "fp16" and comp.precision == "fp32")
             components[name] = {"spec": comp.spec, "file": f"{name}.onnx", "precision": prec}
         builds.commit(tmp, entry, {"backend": "onnxruntime", "version": version, "options": settings,
