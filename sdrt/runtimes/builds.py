@@ -47,8 +47,11 @@ def static_rebuild(command: str, spec_name: str, batch_rows: int, size: str | No
     """The ``sdrt build`` command (``command``: up to the backend, then ``extra`` flags) of a static build in
     which ``spec_name`` takes ``batch_rows`` rows at ``size`` (WIDTHxHEIGHT): for the UNet and ControlNets,
     ``--batch N`` with classifier-free guidance (2N rows) or ``--batch N --no-cfg`` (N rows, for models run at
-    guidance_scale <= 1), whichever the rows allow."""
+    guidance_scale <= 1), whichever the rows allow; the text encoders and VAE, whose batch is 1 whatever the
+    images, ``--batch N``."""
     static = f"{command} --static {size or 'WIDTHxHEIGHT'}"
+    if spec_name not in DENOISERS:
+        return f"`{static} --batch N{extra}` (N images per request)"
     if spec_name not in GUIDED:
         return f"`{static} --batch {batch_rows}{extra}`"
     unguided = f"`{static} --batch {batch_rows} --no-cfg{extra}` ({_images(batch_rows)} at guidance_scale <= 1)"

@@ -100,6 +100,10 @@ def test_a_guidance_mismatch_on_a_static_engine_names_the_flag():
                                            r"with guidance_scale > 1\) or `.* --batch 2 --no-cfg`"):
         tensorrt.check_profile(UNET, feeds(2, 512, 512), unguided)          # guidance_scale 7.5, 1 image
     tensorrt.check_profile(UNET, feeds(1, 512, 512), unguided)
+    vae = {k: tuple(map(tuple, v)) for k, v in profiles(BuildOptions(backend="tensorrt", static=(512, 512),
+                                                                     batch=2))["vae_decoder"].items()}
+    with pytest.raises(ProfileError, match=r"--static 512x768 --batch N` \(N images per request\)$"):
+        tensorrt.check_profile(ALL_SPECS["vae_decoder"], {"latent_sample": (1, 4, 96, 64)}, vae)   # image by image
 
 
 def test_dynamic_profile_spans_min_to_max_and_guidance_off_at_the_bottom():
