@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--static", type=_size, metavar="WIDTHxHEIGHT",
                    help="fix every input shape for this image size (default: dynamic shapes)")
     b.add_argument("--batch", type=int, help="images per request of a --static build (default 1)")
+    b.add_argument("--no-cfg", dest="cfg", action="store_false",
+                   help="the UNet sees one row per image, not [uncond; cond]: for models run at guidance_scale <= 1 "
+                        "(SD-Turbo, SDXL-Turbo); a --static build or a TensorRT profile otherwise holds 2 per image")
     b.add_argument("--device", default="CPU", help="OpenVINO device to compile for: CPU, GPU, NPU; TensorRT: the "
                    "CUDA device (GPU, GPU.1); ONNX Runtime: GPU for fused CUDA graphs")
     r = b.add_argument_group("TensorRT shape range of a dynamic build (a request outside it is refused with the "
@@ -237,7 +240,7 @@ def _size(text: str) -> tuple[int, int]:
 def _build(args) -> int:
     from .runtimes import BuildOptions, build
     options = BuildOptions(backend=args.backend, precision=args.precision, static=args.static, batch=args.batch,
-                           device=args.device, min_size=args.min_size, opt_size=args.opt_size,
+                           cfg=args.cfg, device=args.device, min_size=args.min_size, opt_size=args.opt_size,
                            max_size=args.max_size, max_batch=args.max_batch, prompt_chunks=args.prompt_chunks,
                            calibration_prompts=args.calibration_prompts,
                            calibration_size=args.calibration_size, calibration_steps=args.calibration_steps,

@@ -13,7 +13,7 @@ from .pipelines.control import ControlModels
 from .pipelines.pipeline import TILING, Models, StableDiffusion, Variant, Variants
 from .pipelines.tokenizer import ClipTokenizer
 from .runtimes.base import Timed
-from .specs import ALL_SPECS, half, unet_control
+from .specs import half, spec_for
 from .weights.overrides import WeightOverrides
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
         return Timed(backend.load(folder / comp.file, spec, threads=threads, initializers=initializers,
                                   **backend_options))
 
-    loaded = {name: load_one(comp, ALL_SPECS[comp.spec]) for name, comp in components.items()}
     arch = manifest.architecture
+    loaded = {name: load_one(comp, spec_for(comp, arch)) for name, comp in components.items()}
     tokenizers = {name: ClipTokenizer(folder / name, arch["bos_token_id"], arch["eos_token_id"], arch[pad])
                   for name, pad in (("tokenizer", "pad_token_id"), ("tokenizer_2", "pad_token_id_2"))
                   if (folder / name).is_dir()}
@@ -99,7 +99,7 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
     def reload(name: str, values):
         if variants is not None and name in variants.graphs:
             return variants.reload(name, values)
-        return load_one(components[name], ALL_SPECS[components[name].spec], values)
+        return load_one(components[name], spec_for(components[name], arch), values)
 
     # a variant graph follows the LoRAs and weight overrides of the component it stands for
     extra = variants.graphs if variants is not None else {}
@@ -112,17 +112,13 @@ def assemble(folder: Path, manifest: mf.Manifest, backend, components: dict[str,
     return StableDiffusion(models, progress=progress, weights=weights)
 
 
-def _layout(manifest: mf.Manifest) -> tuple[tuple[int, int], ...]:
-    return tuple(tuple(r) for r in manifest.architecture["control_residuals"])
-
-
 def _variants(manifest: mf.Manifest, load_one) -> Variants | None:
     """The graphs standing for a component (ONNX files, on any backend), loaded only when used: the UNet taking
     ControlNet residuals and the seamless-tiling graphs."""
-    graphs = {name + TILING: Variant(c, ALL_SPECS[c.spec], name) for name, c in manifest.tiling.items()}
-    if manifest.unet_control is not None:
-        spec = unet_control(_layout(manifest), manifest.unet_control.spec)        # SD or SDXL
-        graphs["unet_control"] = Variant(manifest.unet_control, spec, "unet")
+    arch = manifest.architecture
+    graphs = {name + TILING: Variant(c, spec_for(c, arch), name) for name, c in manifest.tiling.items()}
+    if manifest.unet_control is not None:                                        # SD or SDXL
+        graphs["unet_control"] = Variant(manifest.unet_control, spec_for(manifest.unet_control, arch), "unet")
     return Variants(graphs, load_one) if graphs else None
 
 
@@ -130,4 +126,4 @@ def _control(manifest: mf.Manifest, load_one, variants: Variants | None) -> Cont
     """The export's ControlNets, loaded (ONNX files, on any backend) only when used."""
     if not manifest.controlnets:
         return None
-    return ControlModels(manifest.controlnets, _layout(manifest), load_one, variants)
+    return ControlModels(manifest.controlnets, manifest.architecture, load_one, variants)

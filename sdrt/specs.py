@@ -188,6 +188,18 @@ def unet_control(layout: tuple[tuple[int, int], ...], name: str = "unet_control"
                                                   layout))
 
 
+def spec_for(component, architecture: dict) -> ComponentSpec:
+    """The spec of a graph an export's manifest lists (a ``manifest.Component``, whose ``spec`` names it): one of
+    ``ALL_SPECS``, or a ControlNet graph (``controlnet``, ``unet_control`` and their SDXL variants) with the
+    residuals of the export's ``architecture["control_residuals"]``. Its tensors are float32; an fp16 component
+    runs ``half(spec_for(...))``."""
+    name = component.spec
+    if name in CONTROL_ADDED or name in CONTROL_BASES:
+        layout = tuple(tuple(r) for r in architecture["control_residuals"])
+        return controlnet(layout, name) if name in CONTROL_ADDED else unet_control(layout, name)
+    return ALL_SPECS[name]
+
+
 FP32_INPUTS = ("timestep", "time_ids")     # inputs an fp16 graph keeps float32
 
 

@@ -191,7 +191,7 @@ class ControlModels:
     generation never loads them. ``load(component, spec)`` is the loader's (backend, threads, precision);
     the residual UNet is the pipeline's variant graph ``unet_control`` (it runs the UNet's LoRAs)."""
     controlnets: dict[str, Any]                 # name -> manifest Component
-    layout: tuple[tuple[int, int], ...]         # (channels, downsampling) of every residual
+    arch: dict                                  # the export's architecture (its control_residuals)
     load: Callable[..., Runtime]
     variants: Any                               # the pipeline's Variants, holding "unet_control"
     loaded: dict[str, Runtime] = field(default_factory=dict)       # ControlNet name -> runtime
@@ -201,8 +201,13 @@ class ControlModels:
             raise InvalidRequest(f"ControlNet {name!r} is not in this export; it has: {', '.join(self.controlnets)}")
         if name not in self.loaded:
             component = self.controlnets[name]
-            self.loaded[name] = self.load(component, specs.controlnet(self.layout, component.spec))
+            self.loaded[name] = self.load(component, specs.spec_for(component, self.arch))
         return self.loaded[name]
+
+    @property
+    def residuals(self) -> int:
+        """How many residuals a ControlNet adds (SD 1.x/2.x: 12 down blocks and the mid block)."""
+        return len(self.arch["control_residuals"])
 
     def unet(self) -> Runtime:
         return self.variants.get("unet_control")
@@ -239,7 +244,7 @@ def controlled_unet(models, req, plan, evaluation: Callable[[], int]) -> Runtime
     if models.control is None:
         raise InvalidRequest("this export has no ControlNet; export one with "
                              "`sdrt export MODEL OUT --controlnet NAME=CONTROLNET`")
-    n = len(models.control.layout)
+    n = models.control.residuals
     soft = np.logspace(-1, 0, n).astype(np.float32)
     ready = [Unit(models.control.controlnet(u.model), control_map(u, req.width, req.height), float(u.scale),
                   u.start, u.end, np.ones(n, np.float32) if u.control_mode == "Balanced" else soft,

@@ -42,12 +42,15 @@ class CalibrationOptions:
 
 def calibration_options(manifest: mf.Manifest, options) -> CalibrationOptions:
     """The calibration a build's options (``BuildOptions``) ask for; the image size is the static one, else
-    ``--calibration-resolution``, else the model's native size."""
+    ``--calibration-resolution``, else the model's native size; a ``--no-cfg`` build calibrates at guidance_scale
+    0 (one UNet row per image, as it runs)."""
     arch = manifest.architecture
     native = arch.get("sample_size", 64) * arch.get("vae_factor", VAE_FACTOR)
     width, height = options.static or options.calibration_resolution or (native, native)
     given = {"prompt_file": options.calibration_prompts, "prompts": options.calibration_size,
              "steps": options.calibration_steps}
+    if not options.cfg and not arch.get("time_cond_proj_dim"):      # an LCM UNet takes its guidance as an input
+        given["guidance_scale"] = 0.0
     return replace(CalibrationOptions(width=width, height=height, batch_size=(options.batch or 1)),
                    **{k: v for k, v in given.items() if v is not None})
 

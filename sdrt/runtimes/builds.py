@@ -27,13 +27,42 @@ log = logging.getLogger(__name__)
 
 RECORD = "build.json"
 
-# The batch each component sees when the pipeline serves `n` images with classifier-free guidance
-# (pipelines/pipeline.py): the prompts [negative, positive] are encoded once as a batch of 2 and repeated,
-# the UNet runs [uncond; cond] (2n), the VAE encodes the one init image and decodes image by image.
-STATIC_BATCH: dict[str, Callable[[int], int]] = {
-    "text_encoder": lambda n: 1, "unet": lambda n: 2 * n, "vae_encoder": lambda n: 1, "vae_decoder": lambda n: 1,
-    "text_encoder_sdxl": lambda n: 1, "text_encoder_2": lambda n: 1, "unet_sdxl": lambda n: 2 * n,
-    "unet_lcm": lambda n: n, "vae_encoder_tiny": lambda n: 1, "vae_decoder_tiny": lambda n: 1}   # LCM: no CFG
+# the graphs (by spec name) run on [uncond; cond] under classifier-free guidance: 2 rows per image
+GUIDED = ("unet", "unet_sdxl", "unet_control", "unet_control_sdxl", "controlnet", "controlnet_sdxl")
+DENOISERS = (*GUIDED, "unet_lcm")        # the graphs run once per image and step, on the whole prompt
+
+
+def rows(spec_name: str, arch: dict, images: int, cfg: bool = True) -> int:
+    """The batch a graph sees when the pipeline serves ``images`` images (pipelines/pipeline.py): the UNet and
+    the ControlNets run [uncond; cond], 2 rows per image, under classifier-free guidance, and one row per image
+    without it (``cfg`` False: models run at guidance_scale <= 1 such as SD-Turbo and SDXL-Turbo; always for an
+    LCM-distilled UNet, whose guidance goes in through ``timestep_cond``); the text encoders encode one
+    77-token chunk and the VAE one image at a time."""
+    if spec_name not in DENOISERS:
+        return 1
+    return images * (2 if cfg and spec_name in GUIDED and not arch.get("time_cond_proj_dim") else 1)
+
+
+def static_rebuild(command: str, spec_name: str, batch_rows: int, size: str | None, extra: str = "") -> str:
+    """The ``sdrt build`` command (``command``: up to the backend, then ``extra`` flags) of a static build in
+    which ``spec_name`` takes ``batch_rows`` rows at ``size`` (WIDTHxHEIGHT): for the UNet and ControlNets,
+    ``--batch N`` with classifier-free guidance (2N rows) or ``--batch N --no-cfg`` (N rows, for models run at
+    guidance_scale <= 1), whichever the rows allow; the text encoders and VAE, whose batch is 1 whatever the
+    images, ``--batch N``."""
+    static = f"{command} --static {size or 'WIDTHxHEIGHT'}"
+    if spec_name not in DENOISERS:
+        return f"`{static} --batch N{extra}` (N images per request)"
+    if spec_name not in GUIDED:
+        return f"`{static} --batch {batch_rows}{extra}`"
+    unguided = f"`{static} --batch {batch_rows} --no-cfg{extra}` ({_images(batch_rows)} at guidance_scale <= 1)"
+    if batch_rows % 2:
+        return unguided
+    return (f"`{static} --batch {batch_rows // 2}{extra}` ({_images(batch_rows // 2)} with guidance_scale > 1) "
+            f"or {unguided}")
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'s' if n > 1 else ''} per request"
 
 
 @dataclass(frozen=True)
@@ -43,6 +72,8 @@ class BuildOptions:
     precision: str | None = None                # None: the export's own precision
     static: tuple[int, int] | None = None       # (width, height) in pixels; None keeps dynamic shapes
     batch: int | None = None                    # images per request; only with ``static`` (default 1)
+    cfg: bool = True                            # the UNet runs [uncond; cond] (2 rows per image); False (--no-cfg):
+                                                # one row per image, for models run at guidance_scale <= 1
     device: str = "CPU"
     # TensorRT's shape range of a dynamic build (None: sdrt.runtimes.trt_build's defaults)
     min_size: tuple[int, int] | None = None     # (width, height) in pixels
@@ -94,9 +125,11 @@ class BuildOptions:
                 raise InvalidRequest(f"{what} must be >= 1, not {value}")
 
 
-def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batch: int) -> dict[str, tuple]:
-    """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height."""
-    dims = dict(B=STATIC_BATCH[spec.name](batch), H=height, W=width, S=arch.get("model_max_length", CLIP_LENGTH),
+def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batch: int,
+                  cfg: bool = True) -> dict[str, tuple]:
+    """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height (``cfg``:
+    with classifier-free guidance, see :func:`rows`)."""
+    dims = dict(B=rows(spec.name, arch, batch, cfg), H=height, W=width, S=arch.get("model_max_length", CLIP_LENGTH),
                 D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"],
                 P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0),
                 TC=arch.get("time_cond_proj_dim") or 1)

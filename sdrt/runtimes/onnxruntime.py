@@ -263,7 +263,7 @@ def _profile(folder: Path | None, spec: ComponentSpec) -> dict[str, tuple] | Non
         return None
     shapes = trt_build.shape_range(builds.BuildOptions(backend="tensorrt"),
                                    arch.get("sample_size", 64) * arch.get("vae_factor", 8))
-    return trt_build.profile(spec, spec.name, arch, shapes)
+    return trt_build.profile(spec, arch, shapes)
 
 
 def _np_dtype(onnx_type: str) -> np.dtype:
@@ -317,9 +317,9 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     folder = Path(folder)
     manifest = mf.read(folder)
     options.check()
-    if options.static is not None or options.ranged():
-        raise InvalidRequest("--static, --min/--opt/--max and --max-batch apply to OpenVINO and TensorRT builds; "
-                             "ONNX Runtime builds keep dynamic shapes")
+    if options.static is not None or options.ranged() or not options.cfg:
+        raise InvalidRequest("--static, --no-cfg, --min/--opt/--max and --max-batch apply to OpenVINO and TensorRT "
+                             "builds; ONNX Runtime builds keep dynamic shapes")
     if options.device.upper() in GPU_DEVICES:
         return build_gpu(folder, manifest, options, progress)
     if options.device.upper() != "CPU":
@@ -373,7 +373,7 @@ def build_gpu(folder: Path, manifest: mf.Manifest, options: builds.BuildOptions,
         components, fused = {}, {}
         for name, comp in tqdm(list(manifest.components.items()), desc="onnxruntime: fusing for the GPU",
                                unit="component", disable=None if progress else True, leave=False):
-            fused[name] = ort_graphs.fuse(folder / comp.file, tmp / f"{name}.onnx", name,
+            fused[name] = ort_graphs.fuse(folder / comp.file, tmp / f"{name}.onnx", comp.spec,
                                           fp16=prec == "fp16" and comp.precision == "fp32")
             components[name] = {"spec": comp.spec, "file": f"{name}.onnx", "precision": prec}
         builds.commit(tmp, entry, {"backend": "onnxruntime", "version": version, "options": settings,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
-from ..specs import ALL_SPECS, VAE_FACTOR, ComponentSpec, half
+from ..specs import VAE_FACTOR, ComponentSpec, half, spec_for
 from . import builds
 from .base import check_feeds
 
@@ -112,10 +112,11 @@ class OvRuntime:
     def _misfit(self, name: str, shape: tuple, static: tuple) -> str:
         symbols = self.spec.input(name).shape
         built, asked = _size(symbols, static), _size(symbols, shape)
+        rebuild = builds.static_rebuild(f"sdrt build {self.folder or 'OUT'} --backend openvino", self.spec.name,
+                                        shape[0] if symbols[:1] == ("B",) else 1, asked)
         return (f"{self.spec.name}: '{name}' has shape {shape}, but this OpenVINO build is static for "
-                f"{static}{f' ({built})' if built else ''}; rebuild with `sdrt build {self.folder or 'OUT'} "
-                f"--backend openvino --static {asked or 'WIDTHxHEIGHT'} --batch N` for N images per request "
-                "(static builds assume guidance_scale > 1), or build without --static for any size")
+                f"{static}{f' ({built})' if built else ''}; rebuild with {rebuild}, or build without --static "
+                "for any size and batch")
 
 
 def load(path: Path, spec: ComponentSpec, threads: int = 0, device: str = "CPU",
@@ -227,10 +228,15 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     if options.ranged():
         raise InvalidRequest(f"{', '.join(options.ranged())} set TensorRT shape ranges; OpenVINO builds are dynamic, "
                              "or static with --static WIDTHxHEIGHT --batch N")
+    if not options.cfg and options.static is None:
+        raise InvalidRequest("--no-cfg fixes the UNet's batch of a static build; a dynamic OpenVINO build takes "
+                             "any batch: add --static WIDTHxHEIGHT or drop --no-cfg")
     check_device(options.device)
     settings = {"precision": _precision(manifest, options.precision),
                 "static": list(options.static) if options.static else None,
                 "batch": (options.batch or 1) if options.static else None}
+    if not options.cfg:             # recorded only when set, so the builds made before the option keep their key
+        settings["cfg"] = False
     int8 = settings["precision"] == "int8"
     if int8:
         from ..quantize import openvino as quantize
@@ -242,8 +248,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         with builds.staging(entry.parent, entry.name) as tmp:
             components = {}
             for name, comp in _bar(manifest.components.items(), "openvino: converting", progress):
-                _convert(ov, folder / comp.file, tmp / f"{name}.xml", ALL_SPECS[comp.spec], manifest.architecture,
-                         options)
+                _convert(ov, folder / comp.file, tmp / f"{name}.xml", spec_for(comp, manifest.architecture),
+                         manifest.architecture, options)
                 precision = settings["precision"] if options.precision else comp.precision   # SDXL: fp32 VAE
                 components[name] = {"spec": comp.spec, "file": f"{name}.xml", "precision": precision}
             record = {"backend": "openvino", "version": ov.__version__, "options": settings, "sources": sources,
@@ -258,7 +264,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         judge("openvino", record["quality"], options.min_cosine, options.min_psnr)
     computes = {}
     for name, comp in _bar(manifest.components.items(), f"openvino: compiling for {options.device}", progress):
-        spec = half(ALL_SPECS[comp.spec]) if comp.precision == "fp16" else ALL_SPECS[comp.spec]
+        spec = spec_for(comp, manifest.architecture)
+        spec = half(spec) if comp.precision == "fp16" else spec
         computes[name] = OvRuntime(entry / f"{name}.xml", spec, device=options.device).inference_precision
     builds.annotate(entry, "compiled", {"device": options.device, "inference_precision": computes})
     return entry
@@ -270,8 +277,8 @@ def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, op
     model = ov.convert_model(str(onnx_path)) if options.precision == "int8" else _core().read_model(str(onnx_path))
     if options.static is not None:
         width, height = options.static
-        model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height,
-                                                                   options.batch or 1).items()})
+        model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height, options.batch or 1,
+                                                                   options.cfg).items()})
     ov.save_model(model, str(xml), compress_to_fp16=options.precision == "fp16")   # else the export's own
 
 

@@ -22,8 +22,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "unet_control": "unet", "vae_encoder": "vae",
-               "vae_decoder": "vae"}
+# spec name -> onnxruntime.transformers model type, as ONNX Runtime's SD pipeline optimizer maps them
+# (models/stable_diffusion/optimize_pipeline.py: SDXL's UNet is "unet", both its text encoders "clip"); TAESD's
+# convolutions and ReLUs have no fusion, so the tiny VAE graphs are kept as they are
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_sdxl": "clip", "text_encoder_2": "clip",
+               "unet": "unet", "unet_lcm": "unet", "unet_sdxl": "unet", "unet_control": "unet",
+               "unet_control_sdxl": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 CUDA_ONLY = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")
 SCHEME = "ort-fusion-v1"          # bump when the recipe changes: part of the build cache key
 # fp16 conversion keeps these fp32, as ONNX Runtime's SD demo does (range of the timestep embedding's Sin/Cos,
@@ -41,20 +45,25 @@ def fusion_options(model_type: str, cpu_only: bool = False):
     return options
 
 
-def fuse(source: Path, target: Path, component: str, cpu_only: bool = False, fp16: bool = False) -> dict[str, int]:
-    """Write ``source`` fused (and, with ``fp16``, converted to fp16 with fp32 inputs and outputs) to
-    ``target``; returns how many of each fused operator the graph now has."""
+def fuse(source: Path, target: Path, spec: str, cpu_only: bool = False, fp16: bool = False) -> dict[str, int]:
+    """Write ``source``, the graph of spec ``spec``, fused (and, with ``fp16``, converted to fp16 with fp32 inputs
+    and outputs) to ``target``; returns how many of each fused operator the graph now has."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_model
-    model_type = MODEL_TYPES[component]
-    with _num_heads_fix():
-        model = optimize_model(str(source), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                               optimization_options=fusion_options(model_type, cpu_only), use_gpu=not cpu_only)
+    model_type = MODEL_TYPES.get(spec)
+    if model_type is None:
+        import onnx
+        model = OnnxModel(onnx.load(str(source)))
+    else:
+        with _num_heads_fix():
+            model = optimize_model(str(source), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                                   optimization_options=fusion_options(model_type, cpu_only), use_gpu=not cpu_only)
     if fp16:
         half(model)
     external = Path(str(source) + "_data").is_file()
     model.save_model_to_file(str(target), use_external_data_format=external, all_tensors_to_one_file=True)
     fused = collections.Counter(n.op_type for n in model.model.graph.node if n.domain == "com.microsoft")
-    log.info("onnxruntime: %s fused: %s", component, dict(fused))
+    log.info("onnxruntime: %s fused: %s", spec, dict(fused))
     return dict(fused)
 
 

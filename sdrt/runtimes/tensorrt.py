@@ -125,21 +125,22 @@ def misfit(spec: ComponentSpec, name: str, shapes: Mapping[str, tuple], profile:
     sized = next((t for t in spec.inputs if _size(t.shape, t.resolve(_ONES)) and t.name in shapes), None)
     built = [_size(sized.shape, profile[sized.name][i]) for i in (0, 2)] if sized else [None, None]
     asked = _size(sized.shape, shapes[sized.name]) if sized else None
-    batch = max(_batch(spec, shapes), 1)
-    if static:
-        flags = f"--static {asked or 'WIDTHxHEIGHT'} --batch {batch}"
-    else:
-        most = _batch(spec, {n: p[2] for n, p in profile.items()})
-        flags = f"--max {_grown(built[1], asked)} --max-batch {max(batch, most)}"
-    if not static and asked and built[0] and _shrunk(built[0], asked) != built[0]:
-        flags = f"--min {_shrunk(built[0], asked)} " + flags     # smaller than the smallest size built
+    chunks = ""
     tokens = shapes.get("encoder_hidden_states")
     if tokens is not None and len(tokens) == 3 and tokens[1] > profile["encoder_hidden_states"][2][1]:
-        flags += f" --prompt-chunks {-(-tokens[1] // 77)}"
+        chunks = f" --prompt-chunks {-(-tokens[1] // 77)}"
+    command = f"sdrt build {folder or 'OUT'} --backend tensorrt"
+    if static:
+        rebuild = builds.static_rebuild(command, spec.name, max(_rows(spec, shapes), 1), asked, chunks)
+    else:
+        batch, most = max(_batch(spec, shapes), 1), _batch(spec, {n: p[2] for n, p in profile.items()})
+        flags = f"--max {_grown(built[1], asked)} --max-batch {max(batch, most)}"
+        if asked and built[0] and _shrunk(built[0], asked) != built[0]:
+            flags = f"--min {_shrunk(built[0], asked)} " + flags     # smaller than the smallest size built
+        rebuild = f"`{command} {flags}{chunks}`"
     where = f" ({built[0]}{'' if static else f'..{built[1]}'})" if built[0] else ""
     return (f"{spec.name}: '{name}' has shape {tuple(shapes[name])}, outside this TensorRT engine's profile "
-            f"{lo if static else f'min {lo} .. max {hi}'}{where}; rebuild with "
-            f"`sdrt build {folder or 'OUT'} --backend tensorrt {flags}`")
+            f"{lo if static else f'min {lo} .. max {hi}'}{where}; rebuild with {rebuild}")
 
 
 _ONES = {k: 8 for k in ("B", "H", "W", "S", "D", "C", "CI", "L")}
@@ -152,11 +153,14 @@ def _size(symbols: tuple, shape: tuple) -> str | None:
     return f"{px['W']}x{px['H']}" if len(px) == 2 else None
 
 
+def _rows(spec: ComponentSpec, shapes: Mapping[str, tuple]) -> int:
+    """The inputs' batch axis."""
+    return next((shapes[t.name][0] for t in spec.inputs if t.shape[:1] == ("B",) and t.name in shapes), 1)
+
+
 def _batch(spec: ComponentSpec, shapes: Mapping[str, tuple]) -> int:
     """Images per request behind the inputs' batch axis (the UNet and ControlNets see 2 rows per image)."""
-    rows = next((shapes[t.name][0] for t in spec.inputs if t.shape[:1] == ("B",) and t.name in shapes), 1)
-    guided = spec.name.removesuffix("_sdxl") in trt_build.GUIDED or spec.name.startswith("controlnet")
-    return -(-rows // 2) if guided else rows
+    return -(-_rows(spec, shapes) // 2) if spec.name in builds.GUIDED else _rows(spec, shapes)
 
 
 def _shrunk(built: str, asked: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest
-from ..specs import ALL_SPECS, CLIP_LENGTH, ComponentSpec, controlnet, half, unet_control
+from ..specs import CLIP_LENGTH, ComponentSpec, half, spec_for
 from . import builds
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ SCHEME = "trt-v1"                       # bump when the build recipe changes: pa
 DEFAULT_MIN, DEFAULT_MAX = (256, 256), (1024, 1024)
 DEFAULT_MAX_BATCH = 4                   # images per request of a dynamic build
 DEFAULT_CHUNKS = 3                      # 77-token prompt chunks of a dynamic build (231 tokens)
-GUIDED = ("unet", "unet_control", "controlnet")   # run on [uncond; cond]: batch 2n for n images
 REFITTABLE = ("text_encoder", "unet", "unet_control")    # what LoRAs and weight overrides change
 OPTIMIZATION_LEVEL = 3                  # TensorRT's default builder optimization level
 
@@ -84,37 +83,33 @@ def shape_range(options: builds.BuildOptions, native: int) -> ShapeRange:
                                                                      chunks))
 
 
-def dims(component: str, arch: dict, corner: Corner, guidance: bool = True) -> dict[str, int]:
-    """The spec symbols of ``component`` in a request at ``corner`` (pipelines/pipeline.py's batches):
-    the text encoder runs one 77-token chunk at a time, the VAE one image at a time, the UNet, unet_control
-    and the ControlNets [uncond; cond] (2n rows for n images with guidance) on prompts of ``chunks`` chunks."""
-    kind = "controlnet" if component.startswith("controlnet") else component.removesuffix("_tiling")
-    guidance = guidance and not arch.get("time_cond_proj_dim")      # an LCM-distilled UNet runs without CFG
-    if kind in GUIDED:
-        batch, tokens = corner.batch * (2 if guidance else 1), CLIP_LENGTH * corner.chunks
-    else:
-        batch, tokens = 1, CLIP_LENGTH
-    return dict(B=batch, H=corner.height, W=corner.width, S=tokens, D=arch["cross_attention_dim"],
-                C=arch["latent_channels"], CI=arch["unet_in_channels"], P=arch.get("text_embeds_dim", 0),
-                T=arch.get("time_ids", 0), TC=arch.get("time_cond_proj_dim") or 1)
+def dims(spec_name: str, arch: dict, corner: Corner, cfg: bool = True) -> dict[str, int]:
+    """The spec symbols of the graph ``spec_name`` in a request at ``corner``: its batch as the pipeline runs it
+    (:func:`builds.rows`: the UNet and ControlNets on [uncond; cond] with ``cfg``), and the UNet and ControlNets
+    take prompts of ``chunks`` 77-token chunks, the text encoder one chunk at a time."""
+    tokens = CLIP_LENGTH * (corner.chunks if spec_name in builds.DENOISERS else 1)
+    return dict(B=builds.rows(spec_name, arch, corner.batch, cfg), H=corner.height, W=corner.width, S=tokens,
+                D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"],
+                P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0), TC=arch.get("time_cond_proj_dim") or 1)
 
 
-def profile(spec: ComponentSpec, component: str, arch: dict, shapes: ShapeRange) -> dict[str, tuple]:
-    """(min, opt, max) of every input of ``component``. The lowest corner of a dynamic range runs without
-    guidance (batch n, guidance_scale 1); a static build assumes guidance, as OpenVINO's static builds do."""
-    return spec.profile(dims(component, arch, shapes.lo, guidance=shapes.static),
-                        dims(component, arch, shapes.opt), dims(component, arch, shapes.hi))
+def profile(spec: ComponentSpec, arch: dict, shapes: ShapeRange, cfg: bool = True) -> dict[str, tuple]:
+    """(min, opt, max) of every input of ``spec``. The lowest corner of a dynamic range runs without guidance
+    (batch n, guidance_scale 1); a static build assumes guidance, as OpenVINO's static builds do, unless ``cfg``
+    is False (``--no-cfg``: every corner runs one UNet row per image)."""
+    return spec.profile(dims(spec.name, arch, shapes.lo, cfg and shapes.static),
+                        dims(spec.name, arch, shapes.opt, cfg), dims(spec.name, arch, shapes.hi, cfg))
 
 
 def graphs(manifest: mf.Manifest) -> dict[str, tuple[mf.Component, ComponentSpec]]:
     """Every graph of the export an engine is built for, with its spec (fp16 graphs get the fp16 spec)."""
-    found = {name: (c, ALL_SPECS[c.spec]) for name, c in manifest.components.items()}
-    found |= {f"{name}_tiling": (c, ALL_SPECS[c.spec]) for name, c in manifest.tiling.items()}
-    if manifest.unet_control is not None or manifest.controlnets:
-        layout = tuple(tuple(r) for r in manifest.architecture["control_residuals"])
-        if manifest.unet_control is not None:
-            found["unet_control"] = (manifest.unet_control, unet_control(layout, manifest.unet_control.spec))
-        found |= {f"controlnet/{name}": (c, controlnet(layout, c.spec)) for name, c in manifest.controlnets.items()}
+    arch = manifest.architecture
+    found = dict(manifest.components)
+    found |= {f"{name}_tiling": c for name, c in manifest.tiling.items()}
+    if manifest.unet_control is not None:
+        found["unet_control"] = manifest.unet_control
+    found |= {f"controlnet/{name}": c for name, c in manifest.controlnets.items()}
+    found = {name: (c, spec_for(c, arch)) for name, c in found.items()}
     return {name: (c, half(spec) if c.precision == "fp16" else spec) for name, (c, spec) in found.items()}
 
 
@@ -137,12 +132,15 @@ def settings(manifest: mf.Manifest, options: builds.BuildOptions, gpu: Gpu) -> d
     arch = manifest.architecture
     shapes = shape_range(options, arch.get("sample_size", 64) * arch.get("vae_factor", 8))
     prec = precision(manifest, options.precision)
-    profiles = {name: {k: [list(s) for s in v] for k, v in profile(spec, name, arch, shapes).items()}
+    profiles = {name: {k: [list(s) for s in v] for k, v in profile(spec, arch, shapes, options.cfg).items()}
                 for name, (_, spec) in graphs(manifest).items()}
-    return {"scheme": SCHEME, "precision": prec, "static": shapes.static, "profiles": profiles,
-            "refit": sorted(n for n in profiles if n in REFITTABLE and not (prec == "int8" and n == "unet")),
-            "gpu": {"name": gpu.name, "compute_capability": list(gpu.compute_capability)},
-            "optimization_level": OPTIMIZATION_LEVEL}
+    found = {"scheme": SCHEME, "precision": prec, "static": shapes.static, "profiles": profiles,
+             "refit": sorted(n for n in profiles if n in REFITTABLE and not (prec == "int8" and n == "unet")),
+             "gpu": {"name": gpu.name, "compute_capability": list(gpu.compute_capability)},
+             "optimization_level": OPTIMIZATION_LEVEL}
+    if not options.cfg:             # recorded only when set, so the builds made before the option keep their key
+        found["cfg"] = False
+    return found
 
 
 def sources(manifest: mf.Manifest) -> dict[str, str]:

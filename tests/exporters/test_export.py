@@ -16,7 +16,7 @@ from sdrt.exporters import ExportOptions, export                       # noqa: E
 from sdrt.exporters import onnx as ox                                  # noqa: E402
 from sdrt.exporters import sources                                      # noqa: E402
 from sdrt.exporters.sources import load_source                         # noqa: E402
-from sdrt.specs import SPECS, VAE_DECODER, half                        # noqa: E402
+from sdrt.specs import SPECS, VAE_DECODER, half, spec_for              # noqa: E402
 
 from .ldm import to_single_file                                        # noqa: E402
 
@@ -52,7 +52,7 @@ def test_every_spec_is_exported(tiny_export):
     assert set(SPECS) == set(ox.WRAPPERS)
     assert set(manifest.components) == {c.spec for c in manifest.components.values()} == set(SPECS) - FEW_STEP
     for name, component in manifest.components.items():
-        spec = SPECS[component.spec]
+        spec = spec_for(component, manifest.architecture)
         s = session(tiny_export / component.file)
         assert [i.name for i in s.get_inputs()] == [t.name for t in spec.inputs]
         assert [o.name for o in s.get_outputs()] == [t.name for t in spec.outputs]
@@ -143,7 +143,7 @@ def test_fp16_export_runs_in_onnxruntime(tiny_model_dir, tiny_export, tmp_path):
     manifest = export(str(tiny_model_dir), tmp_path / "fp16", ExportOptions(fp16=True), progress=False)
     assert {c.precision for c in manifest.components.values()} == {"fp16"}
     for name, component in manifest.components.items():
-        spec = half(SPECS[component.spec])
+        spec = half(spec_for(component, manifest.architecture))
         fp16, fp32 = tmp_path / "fp16" / f"{name}.onnx", tiny_export / f"{name}.onnx"
         assert weight_bytes(fp16) < 0.55 * weight_bytes(fp32)
         inputs = {i.name: i.type for i in session(fp16).get_inputs()}

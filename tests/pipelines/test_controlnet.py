@@ -104,10 +104,8 @@ def test_export_lists_controlnets_and_residual_unets(control_export, inpaint_con
         manifest = mf.read(folder)
         assert set(manifest.controlnets) == names
         assert manifest.architecture["control_residuals"] == TINY_LAYOUT
-        layout = tuple(map(tuple, TINY_LAYOUT))
-        graphs = [(manifest.unet_control, specs.unet_control(layout))]
-        graphs += [(c, specs.controlnet(layout)) for c in manifest.controlnets.values()]
-        for component, spec in graphs:
+        for component in (manifest.unet_control, *manifest.controlnets.values()):
+            spec = specs.spec_for(component, manifest.architecture)
             assert component.file in manifest.files                # hashed like every exported file
             session = ort.InferenceSession(str(folder / component.file), providers=["CPUExecutionProvider"])
             assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
@@ -129,10 +127,9 @@ def test_control_graphs_follow_their_specs(control_export, backend_name):
     if not backend.available():
         pytest.skip(f"{backend_name} is not installed")
     manifest = mf.read(control_export)
-    layout = tuple(map(tuple, manifest.architecture["control_residuals"]))
     sizes = dict(B=3, H=40, W=56, S=77, D=32, C=4, CI=4)
-    for component, spec in ((manifest.unet_control, specs.unet_control(layout)),
-                            (manifest.controlnets["depth"], specs.controlnet(layout))):
+    for component in (manifest.unet_control, manifest.controlnets["depth"]):
+        spec = specs.spec_for(component, manifest.architecture)
         out = backend.load(control_export / component.file, spec).run(spec.sample(np.random.default_rng(0), **sizes))
         assert list(out) == [t.name for t in spec.outputs]
         assert [out[t.name].shape for t in spec.outputs] == [t.resolve(sizes) for t in spec.outputs]

@@ -14,7 +14,7 @@ import pytest
 
 import sdrt
 from sdrt import manifest as mf
-from sdrt.specs import ALL_SPECS
+from sdrt.specs import spec_for
 
 from .conftest import WORST
 from .test_parity import TOLERANCE, pixels
@@ -112,7 +112,7 @@ def test_export_writes_both_text_encoders_and_the_sdxl_unet(xl_export, xl_dir):
         "text_encoder": "text_encoder_sdxl", "text_encoder_2": "text_encoder_2", "unet": "unet_sdxl",
         "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
     for component in manifest.components.values():
-        spec = ALL_SPECS[component.spec]
+        spec = spec_for(component, manifest.architecture)
         session = ort.InferenceSession(str(xl_export / component.file), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
         assert [o.name for o in session.get_outputs()] == [t.name for t in spec.outputs]

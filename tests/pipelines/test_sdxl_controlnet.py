@@ -91,9 +91,8 @@ def test_export_writes_sdxl_control_graphs(xl_control_export):
     assert manifest.unet_control.spec == "unet_control_sdxl"
     assert {n: c.spec for n, c in manifest.controlnets.items()} == {"canny": "controlnet_sdxl",
                                                                     "depth": "controlnet_sdxl"}
-    layout = tuple(map(tuple, TINY_XL_LAYOUT))
-    graphs = [(manifest.unet_control, specs.unet_control(layout, "unet_control_sdxl"))]
-    graphs += [(c, specs.controlnet(layout, "controlnet_sdxl")) for c in manifest.controlnets.values()]
+    graphs = [(c, specs.spec_for(c, manifest.architecture)) for c in (manifest.unet_control,
+                                                                       *manifest.controlnets.values())]
     for component, spec in graphs:
         session = ort.InferenceSession(str(xl_control_export / component.file), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]

@@ -10,7 +10,7 @@ import pytest
 from sdrt import manifest as mf
 from sdrt.errors import InvalidRequest
 from sdrt.runtimes import BACKENDS
-from sdrt.specs import SPECS
+from sdrt.specs import SPECS, spec_for
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -39,7 +39,7 @@ def dims(arch: dict) -> dict[str, int]:
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_outputs_have_the_spec_names_and_shapes(backend, export, component):
     folder, manifest = export
-    spec = SPECS[manifest.components[component].spec]
+    spec = spec_for(manifest.components[component], manifest.architecture)
     runtime = backend.load(folder / manifest.components[component].file, spec)
     assert runtime.spec == spec
     sizes = dims(manifest.architecture)

@@ -101,6 +101,47 @@ def test_static_build_rejects_other_sizes(static_export):
         pipe.txt2img("a red fox", **{**KW, "batch_size": 2})
 
 
+@pytest.fixture(scope="module")
+def no_cfg_export(tiny_export, tmp_path_factory):
+    """A copy of the tiny export with a static 64x64 batch-1 build for guidance-free requests (--no-cfg)."""
+    folder = copy_export(tiny_export, tmp_path_factory.mktemp("ov_no_cfg") / "export")
+    assert main(["build", str(folder), "--backend", "openvino", "--static", "64x64", "--batch", "1", "--no-cfg"]) == 0
+    return folder
+
+
+def test_no_cfg_static_build_runs_guidance_free_requests(no_cfg_export, ov):
+    """SD-Turbo style (guidance 0): the UNet sees one row per image, and gives the dynamic build's image."""
+    pipe = sdrt.load(no_cfg_export, runtime="openvino", progress=False)
+    assert tuple(pipe.models.unet.inner.compiled.inputs[0].get_shape()) == (1, 4, 8, 8)
+    kw = {**KW, "guidance_scale": 0.0, "negative_prompt": ""}
+    assert max_diff(pipe.txt2img("a red fox", **kw), ov.txt2img("a red fox", **kw)) <= TOLERANCE
+
+
+def test_guidance_mismatch_names_the_build_and_the_flag(static_export, no_cfg_export):
+    guided = sdrt.load(static_export, runtime="openvino", progress=False)
+    with pytest.raises(ProfileError, match=r"static for \(2, 4, 8, 8\) \(64x64\); rebuild with `sdrt build .* "
+                                           r"--backend openvino --static 64x64 --batch 1 --no-cfg` \(1 image per "
+                                           r"request at guidance_scale <= 1\)"):
+        guided.txt2img("a red fox", **{**KW, "guidance_scale": 0.0})
+    unguided = sdrt.load(no_cfg_export, runtime="openvino", progress=False)
+    with pytest.raises(ProfileError, match=r"static for \(1, 4, 8, 8\) \(64x64\); rebuild with `sdrt build .* "
+                                           r"--static 64x64 --batch 1` \(1 image per request with guidance_scale > 1\)"
+                                           r" or `.* --batch 2 --no-cfg`"):
+        unguided.txt2img("a red fox", **KW)
+
+
+def test_no_cfg_is_part_of_the_build_key(static_export, no_cfg_export, capsys):
+    def entry(folder):
+        entries = [p for p in (folder / CACHE).iterdir() if p.name != MODEL_CACHE]
+        assert len(entries) == 1
+        return entries[0], json.loads((entries[0] / "build.json").read_text())["options"]
+    (guided, options), (unguided, no_cfg) = entry(static_export), entry(no_cfg_export)
+    assert guided.name != unguided.name
+    assert no_cfg == {**options, "cfg": False} and "cfg" not in options    # builds before --no-cfg keep their key
+    assert main(["build", str(no_cfg_export), "--backend", "openvino", "--no-cfg"]) == 2
+    assert "--no-cfg fixes the UNet's batch of a static build" in capsys.readouterr().err
+
+
 def test_build_and_load_reuse_the_cache(static_export):
     began = time.perf_counter()
     entry = sdrt.build(static_export, STATIC, progress=False)        # same options: the entry is reused

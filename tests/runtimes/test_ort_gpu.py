@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +22,7 @@ from sdrt.errors import BackendUnavailable
 from sdrt.runtimes import onnxruntime as ortrt
 from sdrt.runtimes import openvino, ort_graphs, pick, tensorrt, trt_build
 from sdrt.runtimes.builds import BuildOptions
-from sdrt.specs import SPECS
+from sdrt.specs import SPECS, spec_for
 
 REAL_SESSION = ort.InferenceSession
 CPU = "CPUExecutionProvider"
@@ -121,7 +122,7 @@ def test_io_binding_gives_the_outputs_of_run(tiny_export):
 
 def test_tensorrt_ep_options_use_the_export_cache_and_the_profiles(tiny_export):
     manifest = mf.read(tiny_export)
-    profile = trt_build.profile(SPECS["unet"], "unet", manifest.architecture,
+    profile = trt_build.profile(SPECS["unet"], manifest.architecture,
                                 trt_build.shape_range(BuildOptions(backend="tensorrt"), 64))
     options = ortrt.provider_options("TensorrtExecutionProvider", tiny_export, profile, fp16=True)
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"] and options["trt_fp16_enable"]
@@ -161,6 +162,44 @@ def test_fusions_with_cpu_kernels_keep_the_numerics(cpu_fused, tmp_path, compone
     for a, b in zip(reference, out):
         assert b.dtype == np.float32                     # fp16 graphs keep fp32 inputs and outputs
         np.testing.assert_allclose(b, a, atol=1e-2 if fp16 else 1e-5, rtol=1e-2 if fp16 else 1e-5)
+
+
+@pytest.fixture(scope="module")
+def xl_export(tmp_path_factory):
+    """A tiny random SDXL export (no torch parity check: the SDXL tests hold these graphs to torch)."""
+    pytest.importorskip("diffusers")
+    from sdrt.exporters import ExportOptions, export
+    from sdrt.exporters.random_model import build_random_model
+    root = tmp_path_factory.mktemp("sdxl")
+    export(str(build_random_model(root / "model", "tiny-sdxl", seed=4)), root / "sdrt",
+           ExportOptions(check_parity=False), progress=False)
+    return root / "sdrt"
+
+
+@pytest.mark.parametrize("component, fusions", [("unet", {"MultiHeadAttention", "SkipLayerNormalization"}),
+                                                ("text_encoder_2", {"SkipLayerNormalization"})])
+def test_sdxl_graphs_take_the_unet_and_clip_fusions(xl_export, tmp_path, component, fusions):
+    """ONNX Runtime's optimizer fuses SDXL's UNet as a "unet" and OpenCLIP-G as a "clip" (as its own SD pipeline
+    optimizer does); the fusions with CPU kernels keep the numerics of the unfused graph."""
+    manifest = mf.read(xl_export)
+    comp = manifest.components[component]
+    target = tmp_path / f"{component}.onnx"
+    assert fusions <= set(ort_graphs.fuse(xl_export / comp.file, target, comp.spec, cpu_only=True))
+    arch = manifest.architecture
+    x = spec_for(comp, arch).sample(np.random.default_rng(0), B=2, H=64, W=48, S=77, D=arch["cross_attention_dim"],
+                                    C=4, CI=4, P=arch["text_embeds_dim"], T=arch["time_ids"], V=1000)
+    reference = REAL_SESSION(str(xl_export / comp.file), providers=[CPU]).run(None, x)
+    for a, b in zip(reference, REAL_SESSION(str(target), providers=[CPU]).run(None, x)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_gpu_build_fuses_every_graph(xl_export, capsys):
+    assert main(["build", str(xl_export), "--backend", "onnxruntime", "--device", "GPU"]) == 0
+    entry = Path(capsys.readouterr().out.strip().rsplit(" -> ", 1)[1])
+    fused = json.loads((entry / "build.json").read_text())["fused"]
+    assert set(fused) == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    assert {"MultiHeadAttention", "NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu"} <= set(fused["unet"])
+    assert {"SkipLayerNormalization"} <= set(fused["text_encoder_2"])
 
 
 def test_gpu_build_is_made_here_and_used_only_where_a_gpu_provider_works(tiny_export, tmp_path, monkeypatch, capsys):

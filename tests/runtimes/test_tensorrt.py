@@ -15,7 +15,7 @@ from sdrt.cli import main
 from sdrt.errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
 from sdrt.runtimes import backend, tensorrt, trt_build
 from sdrt.runtimes.builds import BuildOptions
-from sdrt.specs import ALL_SPECS, SPECS, UNET, controlnet, unet_control
+from sdrt.specs import ALL_SPECS, SPECS, UNET, controlnet, spec_for, unet_control
 
 # SD 1.5's ControlNet residuals: (channels, latent downsampling), 12 down blocks and the mid block
 SD15_LAYOUT = ((320, 1), (320, 1), (320, 1), (320, 2), (640, 2), (640, 2), (640, 4), (1280, 4), (1280, 4),
@@ -57,14 +57,53 @@ def test_sdxl_and_lcm_profiles():
     """SDXL's UNet also takes text_embeds and time_ids per row; an LCM-distilled UNet runs without CFG rows."""
     static = trt_build.shape_range(BuildOptions(backend="tensorrt", static=(1024, 1024), batch=1), 1024)
     sdxl = dict(SD15_ARCH, cross_attention_dim=2048, text_embeds_dim=1280, time_ids=6)
-    p = trt_build.profile(ALL_SPECS["unet_sdxl"], "unet", sdxl, static)
+    p = trt_build.profile(ALL_SPECS["unet_sdxl"], sdxl, static)
     assert p["sample"][0] == (2, 4, 128, 128) and p["encoder_hidden_states"][0] == (2, 77, 2048)
     assert p["text_embeds"][0] == (2, 1280) and p["time_ids"][0] == (2, 6)
-    assert trt_build.profile(ALL_SPECS["text_encoder_2"], "text_encoder_2", sdxl, static)["input_ids"][0] == (1, 77)
+    assert trt_build.profile(ALL_SPECS["text_encoder_2"], sdxl, static)["input_ids"][0] == (1, 77)
     lcm = dict(SD15_ARCH, time_cond_proj_dim=256)
-    p = trt_build.profile(SPECS["unet_lcm"], "unet", lcm, trt_build.shape_range(
+    p = trt_build.profile(SPECS["unet_lcm"], lcm, trt_build.shape_range(
         BuildOptions(backend="tensorrt", static=(512, 512), batch=2), 512))
     assert p["sample"][0] == (2, 4, 64, 64) and p["timestep_cond"][0] == (2, 256)
+
+
+def test_no_cfg_profiles_hold_one_unet_row_per_image():
+    """--no-cfg (SD-Turbo style, guidance_scale <= 1): the UNet, unet_control and the ControlNets see n rows for n
+    images, static and dynamic; the other graphs and an LCM UNet (never CFG) are as without it."""
+    static = profiles(BuildOptions(backend="tensorrt", static=(512, 768), batch=3, cfg=False))
+    guided = profiles(BuildOptions(backend="tensorrt", static=(512, 768), batch=3))
+    denoisers = ("unet", "unet_control", "controlnet/canny")
+    for name in denoisers:
+        assert static[name]["sample"] == [[3, 4, 96, 64]] * 3, name
+        assert static[name]["encoder_hidden_states"] == [[3, 77, 768]] * 3, name
+    assert static["unet_control"]["mid_block_additional_residual"] == [[3, 1280, 12, 8]] * 3
+    assert {n: p for n, p in static.items() if n not in denoisers} == \
+        {n: p for n, p in guided.items() if n not in denoisers}
+    dynamic = profiles(BuildOptions(backend="tensorrt", max_batch=2, cfg=False))
+    assert dynamic["unet"]["sample"] == [[1, 4, 32, 32], [1, 4, 64, 64], [2, 4, 128, 128]]
+    lcm = dict(SD15_ARCH, time_cond_proj_dim=256)
+    for cfg in (True, False):
+        p = trt_build.profile(SPECS["unet_lcm"], lcm, trt_build.shape_range(
+            BuildOptions(backend="tensorrt", static=(512, 512), batch=2, cfg=cfg), 512), cfg)
+        assert p["sample"][0] == (2, 4, 64, 64)
+
+
+def test_a_guidance_mismatch_on_a_static_engine_names_the_flag():
+    guided = unet_profile(BuildOptions(backend="tensorrt", static=(512, 512)))
+    with pytest.raises(ProfileError, match=r"profile \(2, 4, 64, 64\) \(512x512\); rebuild with `sdrt build OUT "
+                                           r"--backend tensorrt --static 512x512 --batch 1 --no-cfg` \(1 image per "
+                                           r"request at guidance_scale <= 1\)$"):
+        tensorrt.check_profile(UNET, feeds(1, 512, 512), guided)            # guidance_scale 0, 1 image
+    unguided = unet_profile(BuildOptions(backend="tensorrt", static=(512, 512), cfg=False))
+    with pytest.raises(ProfileError, match=r"profile \(1, 4, 64, 64\) \(512x512\); rebuild with `sdrt build OUT "
+                                           r"--backend tensorrt --static 512x512 --batch 1` \(1 image per request "
+                                           r"with guidance_scale > 1\) or `.* --batch 2 --no-cfg`"):
+        tensorrt.check_profile(UNET, feeds(2, 512, 512), unguided)          # guidance_scale 7.5, 1 image
+    tensorrt.check_profile(UNET, feeds(1, 512, 512), unguided)
+    vae = {k: tuple(map(tuple, v)) for k, v in profiles(BuildOptions(backend="tensorrt", static=(512, 512),
+                                                                     batch=2))["vae_decoder"].items()}
+    with pytest.raises(ProfileError, match=r"--static 512x768 --batch N` \(N images per request\)$"):
+        tensorrt.check_profile(ALL_SPECS["vae_decoder"], {"latent_sample": (1, 4, 96, 64)}, vae)   # image by image
 
 
 def test_dynamic_profile_spans_min_to_max_and_guidance_off_at_the_bottom():
@@ -109,6 +148,20 @@ def test_controlnet_residuals_match_unet_control_inputs(static):
     assert p["unet_control"]["sample"] == p["unet"]["sample"]
 
 
+def test_spec_for_every_graph_of_a_manifest():
+    """One lookup: the fixed specs by name, the ControlNet graphs from the export's residual layout (SD and SDXL)."""
+    manifest = sd15()
+    assert spec_for(manifest.components["unet"], SD15_ARCH) is ALL_SPECS["unet"]
+    assert spec_for(manifest.unet_control, SD15_ARCH) == unet_control(SD15_LAYOUT)
+    assert spec_for(manifest.controlnets["canny"], SD15_ARCH) == controlnet(SD15_LAYOUT)
+    xl = {n: spec_for(mf.Component(n, "x.onnx"), SD15_ARCH) for n in ("unet_control_sdxl", "controlnet_sdxl")}
+    assert xl == {"unet_control_sdxl": unet_control(SD15_LAYOUT, "unet_control_sdxl"),
+                  "controlnet_sdxl": controlnet(SD15_LAYOUT, "controlnet_sdxl")}
+    assert {n: s for n, (_, s) in trt_build.graphs(manifest).items()} == {
+        **{n: spec_for(c, SD15_ARCH) for n, c in manifest.components.items()},
+        "unet_control": unet_control(SD15_LAYOUT), "controlnet/canny": controlnet(SD15_LAYOUT)}
+
+
 def test_fp16_export_profiles_and_refit_list():
     s = trt_build.settings(sd15(), BuildOptions(backend="tensorrt", precision="fp16"), H100)
     assert s["precision"] == "fp16" and s["refit"] == ["text_encoder", "unet", "unet_control"]
@@ -134,6 +187,8 @@ def test_cache_key_changes_with_everything_an_engine_depends_on():
         "precision": key(options=BuildOptions(backend="tensorrt", precision="fp16")),
         "static profile": key(options=BuildOptions(backend="tensorrt", static=(512, 512))),
         "static batch": key(options=BuildOptions(backend="tensorrt", static=(512, 512), batch=2)),
+        "no CFG": key(options=BuildOptions(backend="tensorrt", static=(512, 512), batch=2, cfg=False)),
+        "dynamic no CFG": key(options=BuildOptions(backend="tensorrt", cfg=False)),
         "max size": key(options=BuildOptions(backend="tensorrt", max_size=(768, 768))),
         "max batch": key(options=BuildOptions(backend="tensorrt", max_batch=2)),
         "prompt chunks": key(options=BuildOptions(backend="tensorrt", prompt_chunks=2)),
@@ -252,7 +307,7 @@ def engines(tiny_export):
 def run_both(folder: Path, engine_entry: Path, component: str, sizes: dict):
     from sdrt.runtimes import onnxruntime
     manifest = mf.read(folder)
-    spec = SPECS[manifest.components[component].spec]
+    spec = spec_for(manifest.components[component], manifest.architecture)
     x = spec.sample(np.random.default_rng(0), **sizes)
     reference = onnxruntime.load(folder / manifest.components[component].file, spec,
                                  providers=("CPUExecutionProvider",)).run(x)
