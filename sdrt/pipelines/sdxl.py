@@ -8,6 +8,7 @@ output is weighted (emphasis, mean restored) on its own, and the pooled embeddin
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,12 +61,6 @@ class SDXLTextEncoder:
         return self.parts[-1].pooled(text)
 
 
-# Request fields of SDXL's size and aesthetic conditioning, with their defaults (what a non-SDXL model refuses)
-CONDITIONING_DEFAULTS = dict(original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-                             aesthetic_score=6.0, negative_aesthetic_score=2.5, negative_original_size=None,
-                             negative_crops_coords_top_left=None, negative_target_size=None)
-
-
 def time_ids(arch: dict, height: int, width: int, original_size: tuple[int, int] | None = None,
              crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
              aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
@@ -81,7 +76,8 @@ def time_ids(arch: dict, height: int, width: int, original_size: tuple[int, int]
     if refiner and (target_size is not None or negative_target_size is not None):
         raise InvalidRequest("the SDXL refiner takes no target size (its time ids are the original size, the "
                              "crop and the aesthetic score); remove target_size / negative_target_size")
-    if not refiner and (aesthetic_score, negative_aesthetic_score) != (6.0, 2.5):
+    scores = ("aesthetic_score", "negative_aesthetic_score")
+    if not refiner and (aesthetic_score, negative_aesthetic_score) != tuple(CONDITIONING_DEFAULTS[k] for k in scores):
         raise InvalidRequest("aesthetic_score and negative_aesthetic_score condition the SDXL refiner only; "
                              "this SDXL model takes a target size instead")
     original = _pair("original_size", original_size or (height, width))
@@ -98,6 +94,11 @@ def time_ids(arch: dict, height: int, width: int, original_size: tuple[int, int]
     if len(positive) != count:
         raise InvalidRequest(f"this UNet takes {count} time ids, not {len(positive)}; re-export the model")
     return np.array(negative, np.float32), np.array(positive, np.float32)
+
+
+# Request fields of SDXL's size and aesthetic conditioning, with their defaults (what a non-SDXL model refuses)
+CONDITIONING_DEFAULTS = {name: p.default for name, p in inspect.signature(time_ids).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
 
 
 def _pair(name: str, value) -> tuple[float, float]:

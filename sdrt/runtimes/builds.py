@@ -129,11 +129,17 @@ def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batc
                   cfg: bool = True) -> dict[str, tuple]:
     """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height (``cfg``:
     with classifier-free guidance, see :func:`rows`)."""
-    dims = dict(B=rows(spec.name, arch, batch, cfg), H=height, W=width, S=arch.get("model_max_length", CLIP_LENGTH),
-                D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"],
-                P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0),
-                TC=arch.get("time_cond_proj_dim") or 1)
+    dims = symbols(spec.name, arch, batch, width, height, arch.get("model_max_length", CLIP_LENGTH), cfg)
     return {t.name: t.resolve(dims) for t in spec.inputs}
+
+
+def symbols(spec_name: str, arch: dict, images: int, width: int, height: int, tokens: int,
+            cfg: bool = True) -> dict[str, int]:
+    """The value of every spec symbol for the graph ``spec_name`` serving ``images`` images of width x height
+    with prompts of ``tokens`` tokens: the batch as :func:`rows`, the widths from the export's architecture."""
+    return dict(B=rows(spec_name, arch, images, cfg), H=height, W=width, S=tokens, D=arch["cross_attention_dim"],
+                C=arch["latent_channels"], CI=arch["unet_in_channels"], P=arch.get("text_embeds_dim", 0),
+                T=arch.get("time_ids", 0), TC=arch.get("time_cond_proj_dim") or 1)
 
 
 def sources(manifest: Manifest) -> dict[str, str]:

@@ -88,9 +88,7 @@ def dims(spec_name: str, arch: dict, corner: Corner, cfg: bool = True) -> dict[s
     (:func:`builds.rows`: the UNet and ControlNets on [uncond; cond] with ``cfg``), and the UNet and ControlNets
     take prompts of ``chunks`` 77-token chunks, the text encoder one chunk at a time."""
     tokens = CLIP_LENGTH * (corner.chunks if spec_name in builds.DENOISERS else 1)
-    return dict(B=builds.rows(spec_name, arch, corner.batch, cfg), H=corner.height, W=corner.width, S=tokens,
-                D=arch["cross_attention_dim"], C=arch["latent_channels"], CI=arch["unet_in_channels"],
-                P=arch.get("text_embeds_dim", 0), T=arch.get("time_ids", 0), TC=arch.get("time_cond_proj_dim") or 1)
+    return builds.symbols(spec_name, arch, corner.batch, corner.width, corner.height, tokens, cfg)
 
 
 def profile(spec: ComponentSpec, arch: dict, shapes: ShapeRange, cfg: bool = True) -> dict[str, tuple]:
