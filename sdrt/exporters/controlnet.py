@@ -106,8 +106,8 @@ def _from_single_file(path: Path, model: Source) -> ControlNetModel:
     expected = net.state_dict()
     problems = (("weights missing", sorted(set(expected) - set(state))),
                 ("unknown weights", sorted(set(state) - set(expected))),
-                ("weights of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-                                              for k, v in expected.items() if k in state and state[k].shape != v.shape]))
+                ("weights of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in
+                                              expected.items() if k in state and state[k].shape != v.shape]))
     found = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
              for what, keys in problems if keys]
     if found:
