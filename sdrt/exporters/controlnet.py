@@ -5,14 +5,15 @@ and the UNet variant that takes their residuals to ``unet_control.onnx``, both p
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
+                                                 convert_controlnet_checkpoint, load_single_file_checkpoint)
 from torch import nn
 
 from .. import specs
@@ -92,21 +93,42 @@ def _load(where: str, model: Source) -> ControlNetModel:
 
 
 def _from_single_file(path: Path, model: Source) -> ControlNetModel:
-    """An A1111-style ControlNet checkpoint, with the config derived from the base model's UNet (offline).
+    """An A1111-style ControlNet checkpoint (diffusers keys, or the original ``control_model.*`` layout), with the
+    config derived from the base model's UNet (offline); every weight of the ControlNet must be in the file.
 
     ControlNets copy the encoder half of the UNet they were trained on and take 4-channel latents.
     """
-    if model.sdxl and any(k.split("label_emb.")[0] in ("", "control_model.") for k in read_checkpoint(path)[0]):
-        # diffusers 0.42's convert_controlnet_checkpoint drops SDXL's label_emb (the added embedding)
-        raise ExportError(f"{path}: SDXL ControlNet single files in the original (LDM) key layout are not supported "
-                          "yet; pass its diffusers version (a folder with config.json, or a hub id)")
-    derived = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
-    with tempfile.TemporaryDirectory(prefix="sdrt-controlnet-") as tmp:
-        derived.save_config(tmp)
-        config = Path(tmp) / "config.json"
-        config.write_text(json.dumps({**json.loads(config.read_text()),
-                                      "in_channels": model.vae.config.latent_channels}))
-        return ControlNetModel.from_single_file(str(path), config=tmp, local_files_only=True)
+    read_checkpoint(path)                                   # a clear error for a truncated or foreign file
+    with torch.device("meta"):                              # the architecture only: no weights to initialise
+        derived = ControlNetModel.from_unet(model.unet, load_weights_from_unet=False)
+        net = ControlNetModel.from_config({**derived.config, "in_channels": model.vae.config.latent_channels})
+    state = _diffusers_keys(load_single_file_checkpoint(str(path)), net.config)
+    expected = net.state_dict()
+    problems = (("weights missing", sorted(set(expected) - set(state))),
+                ("unknown weights", sorted(set(state) - set(expected))),
+                ("weights of another shape", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in
+                                              expected.items() if k in state and state[k].shape != v.shape]))
+    found = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in problems if keys]
+    if found:
+        raise ExportError(f"{path}: not a ControlNet for {model.name}'s UNet: {'; '.join(found)}; pass a ControlNet "
+                          "trained for this base model, in the diffusers or the original ControlNet layout")
+    net.load_state_dict(state, assign=True)
+    return net
+
+
+def _diffusers_keys(checkpoint: dict, config) -> dict:
+    """diffusers' ``convert_controlnet_checkpoint`` plus what it leaves out (diffusers 0.42): the class or added
+    embedding (SDXL's ``label_emb`` -> ``add_embedding``), mapped with diffusers' own key table. A weight the file
+    lacks is absent from the result (diffusers maps some to None)."""
+    state = dict(convert_controlnet_checkpoint(checkpoint, config))
+    ldm = checkpoint if "time_embed.0.weight" in checkpoint else {
+        k.removeprefix(LDM_CONTROLNET_KEY): v for k, v in checkpoint.items() if k.startswith(LDM_CONTROLNET_KEY)}
+    for kind in ("class_embed_type", "addition_embed_type"):
+        if config.get(kind):
+            table = DIFFUSERS_TO_LDM_MAPPING["controlnet"][kind].items()
+            state.update({new: ldm[old] for new, old in table if old in ldm and new not in state})
+    return {k: v for k, v in state.items() if v is not None}
 
 
 def _checked(name: str, net: ControlNetModel, model: Source) -> ControlNetModel:

@@ -300,6 +300,12 @@ def _checked(source: Source) -> Source:
     if not xl and (source.text_encoder is None or source.tokenizer is None):
         raise ExportError(f"{source.name}: the model has no text_encoder or tokenizer; "
                           "check that it is a complete diffusers model")
+    vae = source.vae.config if source.vae is not None else {}
+    normalised = [k for k in ("latents_mean", "latents_std") if vae.get(k) is not None]
+    if normalised:
+        raise ExportError(f"{source.name}: its VAE config sets {' and '.join(normalised)} (latents normalised per "
+                          "channel, as Playground v2.5's, which diffusers de-normalises with them before decoding); "
+                          "sdrt does not support such models yet and would decode them wrongly")
     for model in (source.text_encoder, source.text_encoder_2, source.unet, source.vae):
         if model is None:
             continue

@@ -78,6 +78,20 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
+def controlnet_to_ldm(state: dict, config: dict, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNet in the original ControlNet layout (``control_model.*``): the UNet encoder's keys (SDXL's
+    ``label_emb`` included), ``input_hint_block`` (the conditioning embedding: convolutions at even indices, SiLUs
+    between), ``zero_convs.i.0`` and ``middle_block_out.0``."""
+    hints = len(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) * 2 - 2
+    pairs = [("controlnet_cond_embedding.conv_in.", "input_hint_block.0."),
+             ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * hints + 2}."),
+             *((f"controlnet_cond_embedding.blocks.{i}.", f"input_hint_block.{2 * i + 2}.") for i in range(hints)),
+             *((f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.") for i in range(64)),
+             ("controlnet_mid_block.", "middle_block_out.0."),
+             *unet_prefixes({**config, "up_block_types": config["down_block_types"]})]     # no up blocks used
+    return {prefix + _rename(k, pairs, RESNET if ".resnets." in k else ()): v for k, v in state.items()}
+
+
 def vae_to_ldm(state: dict, config: dict) -> dict:
     out = {}
     prefixes = vae_prefixes(config)

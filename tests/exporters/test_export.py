@@ -240,6 +240,19 @@ def test_source_errors(tiny_model_dir, tmp_path, monkeypatch):
         load_source(str(checkpoint))
 
 
+def test_vae_with_latents_mean_and_std_is_refused(tiny_model_dir, tmp_path):
+    """A Playground v2.5-style VAE (diffusers de-normalises its latents with latents_mean/latents_std)."""
+    import shutil
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((model / "vae" / "config.json").read_text())
+    (model / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": [0.1, -0.2, 0.3, 0.0],
+                                                           "latents_std": [0.9, 1.1, 1.0, 0.8]}))
+    with pytest.raises(ExportError, match=f"{model}: its VAE config sets latents_mean and latents_std .*Playground "
+                                          "v2.5.* not support"):
+        export(str(model), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_out_folder(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match="is a file"):

@@ -156,14 +156,22 @@ def test_controlnet_names():
 
 
 def test_controlnet_sources(tiny_model_dir, controlnet_dirs, tmp_path):
-    """A single file loads with a config derived from the base UNet, offline; misfits are refused."""
+    """A single file (diffusers keys, or the original layout in a .ckpt) loads with a config derived from the base
+    UNet, offline, to the diffusers ControlNet's weights; misfits are refused."""
     from safetensors.torch import load_file, save_file
+
+    from ..exporters.ldm import controlnet_to_ldm
     state = load_file(controlnet_dirs["canny"] / "diffusion_pytorch_model.safetensors")
     save_file(state, tmp_path / "control_tiny.safetensors")
     source = load_source(str(tiny_model_dir), progress=False)
     nets = load_controlnets((str(tmp_path / "control_tiny.safetensors"),), source, progress=False)
     assert list(nets) == ["control_tiny"]
     assert all(torch.equal(nets["control_tiny"].state_dict()[k], v) for k, v in state.items())
+    ldm = controlnet_to_ldm(state, diffusers.ControlNetModel.load_config(controlnet_dirs["canny"]))
+    torch.save({"state_dict": ldm}, tmp_path / "control_ldm.ckpt")          # the original layout (control_model.*)
+    net = load_controlnets((str(tmp_path / "control_ldm.ckpt"),), source, progress=False)["control_ldm"]
+    assert net.state_dict().keys() == state.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     config = {**nets["control_tiny"].config, "cross_attention_dim": 16}       # like SD 2.x's 1024 against 768
     diffusers.ControlNetModel.from_config(config).save_pretrained(tmp_path / "sd2-net")
     (tmp_path / "empty").mkdir()

@@ -3,7 +3,8 @@ and image parity with diffusers' StableDiffusionXLControlNetPipeline on a tiny r
 
 Reference: diffusers' StableDiffusionXLControlNet{,Img2Img,Inpaint}Pipeline (MultiControlNet for several units,
 control_guidance_start/end, guess_mode, a PEFT LoRA) over the same tiny SDXL folder and random-weight ControlNets
-copied from its UNet, CPU generators seeded like sdrt. OpenVINO, the CLI and the A1111 server (webuiapi client)
+copied from its UNet (sdrt exports one of them from a single file in the original ControlNet layout), CPU
+generators seeded like sdrt. OpenVINO, the CLI and the A1111 server (webuiapi client)
 are held to the Python API on ONNX Runtime.
 """
 from __future__ import annotations
@@ -44,9 +45,25 @@ def xl_nets(tmp_path_factory, xl_dir):
 
 
 @pytest.fixture(scope="module")
-def xl_control_export(tmp_path_factory, xl_dir, xl_nets):
-    """Every graph parity-checked against torch, the ControlNets and residual UNet included."""
-    nets = (f"canny={xl_nets['canny']}", f"depth={xl_nets['depth']}")
+def xl_canny_file(tmp_path_factory, xl_nets):
+    """The canny ControlNet as a single file in the original ControlNet layout (``control_model.*``, SDXL's
+    ``label_emb``, ``input_hint_block``, ``zero_convs``, ``middle_block_out``)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..exporters.ldm import controlnet_to_ldm
+    config = diffusers.ControlNetModel.load_config(xl_nets["canny"])
+    state = controlnet_to_ldm(load_file(xl_nets["canny"] / "diffusion_pytorch_model.safetensors"), config)
+    path = tmp_path_factory.mktemp("sdxl_controlnet_file") / "control_canny_xl.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xl_control_export(tmp_path_factory, xl_dir, xl_nets, xl_canny_file):
+    """Every graph parity-checked against torch, the ControlNets and residual UNet included. 'canny' comes from
+    its original-layout single file, 'depth' from its diffusers folder; the images are held to diffusers' pipeline
+    with the diffusers folders of both."""
+    nets = (f"canny={xl_canny_file}", f"depth={xl_nets['depth']}")
     return _export(tmp_path_factory, xl_dir, "sdxl_control_export", controlnets=nets)
 
 
@@ -152,9 +169,10 @@ def test_openvino_gives_the_onnxruntime_image(xl_pipe, xl_control_export, maps):
     assert np.abs(pixels(generate(ov, units, seed=9)) - pixels(generate(xl_pipe, units, seed=9))).max() <= 1
 
 
-def test_single_file_and_misfits(xl_dir, xl_nets, controlnet_dirs, tmp_path):
-    """A single-file SDXL ControlNet loads with its config derived from the SDXL UNet (offline); an SD 1.x
-    ControlNet is refused on SDXL."""
+def test_single_file_and_misfits(xl_dir, xl_nets, xl_canny_file, controlnet_dirs, tmp_path):
+    """A single-file SDXL ControlNet, in diffusers' or the original layout, loads with its config derived from the
+    SDXL UNet (offline), every weight the diffusers ControlNet's; an SD 1.x ControlNet is refused on SDXL, and so is
+    a file that lacks weights (diffusers' own conversion drops label_emb) or is cut short."""
     from safetensors.torch import load_file, save_file
 
     from sdrt.errors import ExportError
@@ -168,11 +186,18 @@ def test_single_file_and_misfits(xl_dir, xl_nets, controlnet_dirs, tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ExportError, match="does not fit .*cross_attention_dim 32 vs 80.*addition_embed_type None"):
         load_controlnets((str(controlnet_dirs["canny"]),), source, progress=False)
-    ldm = {"control_model.label_emb.0.0.weight": torch.zeros(8, 88), "control_model.input_blocks.0.0.weight":
-           torch.zeros(32, 4, 3, 3)}                       # the original layout, which diffusers converts without SDXL's
-    save_file(ldm, tmp_path / "xl_ldm.safetensors")        # label_emb
-    with pytest.raises(ExportError, match="original .LDM. key layout are not supported yet; pass its diffusers"):
-        load_controlnets((str(tmp_path / "xl_ldm.safetensors"),), source, progress=False)
+    net = load_controlnets((str(xl_canny_file),), source, progress=False)["control_canny_xl"]
+    original = diffusers.ControlNetModel.from_pretrained(xl_nets["canny"]).state_dict()
+    assert net.state_dict().keys() == original.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in original.items())
+    ldm = load_file(xl_canny_file)
+    save_file({k: v for k, v in ldm.items() if ".label_emb." not in k}, tmp_path / "no_label_emb.safetensors")
+    data = xl_canny_file.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    for file, words in (("no_label_emb", "4 weights missing .add_embedding.linear_1.bias, add_embedding"),
+                        ("cut", "not a readable checkpoint .* check the file is complete")):
+        with pytest.raises(ExportError, match=words):
+            load_controlnets((str(tmp_path / f"{file}.safetensors"),), source, progress=False)
 
 
 def test_cli_generate(xl_pipe, xl_control_export, maps, tmp_path):
