@@ -172,6 +172,10 @@ def test_controlnet_sources(tiny_model_dir, controlnet_dirs, tmp_path):
     net = load_controlnets((str(tmp_path / "control_ldm.ckpt"),), source, progress=False)["control_ldm"]
     assert net.state_dict().keys() == state.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    save_file({k: v.half() for k, v in ldm.items()}, tmp_path / "control_half.safetensors")  # as released files are
+    net = load_controlnets((str(tmp_path / "control_half.safetensors"),), source, progress=False)["control_half"]
+    assert all(v.dtype == torch.float32 for v in net.state_dict().values())                # traced like the UNet
+    assert all(torch.equal(net.state_dict()[k], v.half().float()) for k, v in state.items())
     config = {**nets["control_tiny"].config, "cross_attention_dim": 16}       # like SD 2.x's 1024 against 768
     diffusers.ControlNetModel.from_config(config).save_pretrained(tmp_path / "sd2-net")
     (tmp_path / "empty").mkdir()
