@@ -148,6 +148,18 @@ def test_size_conditioning(xl, xl_dir):
     assert np.abs(pixels(default) - pixels(ours)).max() > TOLERANCE     # the time ids do reach the UNet
 
 
+def test_request_conditioning_defaults_are_time_ids_defaults():
+    """Request restates sdxl.time_ids' defaults (dataclass fields need literals): the two must agree, or a request
+    left at its defaults would count as conditioned (and be refused on a base model for its aesthetic scores)."""
+    import dataclasses
+
+    from sdrt.pipelines import sdxl
+    from sdrt.pipelines.pipeline import Request
+    fields = {f.name: f.default for f in dataclasses.fields(Request)}
+    assert {k: fields[k] for k in sdxl.CONDITIONING_DEFAULTS} == sdxl.CONDITIONING_DEFAULTS
+    assert Request(prompt="a").sdxl_conditioning == {}
+
+
 def test_size_conditioning_from_the_cli(xl_export, xl_dir, tmp_path, capsys):
     """`sdrt generate` flags (WxH sizes, X,Y corners) reach diffusers' (height, width) / (top, left) arguments,
     the negative prompt's own included."""
