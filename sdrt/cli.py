@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest image (default 1024x1024)")
     r.add_argument("--max-batch", type=int, help="images per request, up to (default 4; the UNet sees 2 per image)")
     r.add_argument("--prompt-chunks", type=int,
-                   help="77-token prompt chunks the UNet takes, up to (default 3 dynamic, 1 with --static)")
+                   help="77-token prompt chunks the UNet takes, up to (default 3 dynamic, 1 with --static); "
+                        "OpenVINO: with --static only (dynamic builds take any length)")
     q = b.add_argument_group("int8 (--precision int8: NNCF for OpenVINO, static QDQ for ONNX Runtime, calibrated "
                              "by running the fp32 pipeline)")
     q.add_argument("--calibration-prompts", type=Path, metavar="FILE",

@@ -126,11 +126,24 @@ class BuildOptions:
 
 
 def static_shapes(spec: ComponentSpec, arch: dict, width: int, height: int, batch: int,
-                  cfg: bool = True) -> dict[str, tuple]:
+                  cfg: bool = True, chunks: int = 1) -> dict[str, tuple]:
     """The fixed input shapes of ``spec`` in a static build for ``batch`` images of width x height (``cfg``:
-    with classifier-free guidance, see :func:`rows`)."""
-    dims = symbols(spec.name, arch, batch, width, height, arch.get("model_max_length", CLIP_LENGTH), cfg)
-    return {t.name: t.resolve(dims) for t in spec.inputs}
+    with classifier-free guidance, see :func:`rows`). With ``chunks`` > 1 (``--prompt-chunks``) the token axis of
+    the UNet and ControlNets is the one range (77, 77 x chunks): a prompt of 1 to ``chunks`` 77-token chunks,
+    unpadded; every other axis stays fixed. Their batch is then one row per image, whatever ``cfg``: a prompt
+    and a negative prompt of different lengths run in separate calls (pipelines/denoisers.py, as A1111), so the
+    runtime serves [uncond; cond] as two calls of that batch (:mod:`sdrt.runtimes.openvino`)."""
+    dims = symbols(spec.name, arch, batch, width, height, arch.get("model_max_length", CLIP_LENGTH),
+                   cfg and chunks == 1)
+    most = {**dims, "S": tokens(spec.name, chunks)} if chunks > 1 else dims
+    return {t.name: tuple(a if a == b else (a, b) for a, b in zip(t.resolve(dims), t.resolve(most)))
+            for t in spec.inputs}
+
+
+def tokens(spec_name: str, chunks: int) -> int:
+    """The token length of a prompt of ``chunks`` 77-token chunks as ``spec_name`` sees it: the UNet and the
+    ControlNets take the whole prompt, the text encoders one chunk at a time."""
+    return CLIP_LENGTH * (chunks if spec_name in DENOISERS else 1)
 
 
 def symbols(spec_name: str, arch: dict, images: int, width: int, height: int, tokens: int,

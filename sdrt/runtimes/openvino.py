@@ -2,6 +2,7 @@
 the builder that converts the exported ONNX graphs to OpenVINO IR, optionally with static shapes.
 
     sdrt build OUT --backend openvino --static 512x512     # IR in OUT/cache/openvino/<key>/
+    sdrt build OUT --backend openvino --static 512x512 --prompt-chunks 3   # prompts of up to 3 x 77 tokens
     sdrt.load("OUT", runtime="openvino")                   # the newest build, else the ONNX files directly
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest, ModelFolderError, ProfileError
-from ..specs import VAE_FACTOR, ComponentSpec, half, spec_for
+from ..specs import CLIP_LENGTH, VAE_FACTOR, ComponentSpec, half, spec_for
 from . import builds
 from .base import check_feeds
 
@@ -90,33 +91,83 @@ class OvRuntime:
         self.request = self.compiled.create_infer_request()
         self.loaded_from_cache = _loaded_from_cache(self.compiled)
         self.inference_precision = _inference_precision(self.compiled)
-        self._inputs = {}                               # name -> (dtype, static shape or None)
+        self._inputs = {}                               # name -> (dtype, (lowest, highest) shape of a static build)
         for port in self.compiled.inputs:
-            shape = port.get_partial_shape()
             self._inputs[_name(port, spec.inputs)] = (port.get_element_type().to_dtype(),
-                                                      tuple(shape.to_shape()) if shape.is_static else None)
+                                                      _bounds(port.get_partial_shape()))
+        self.block = self._block_rows()
         self._outputs = [_name(port, spec.outputs) for port in self.compiled.outputs]
         log.debug("%s: compiled %s for %s (from cache: %s)", spec.name, path.name, device, self.loaded_from_cache)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
+        rows = len(feeds[self.spec.inputs[0].name])
+        if self.block and rows > self.block and rows % self.block == 0:    # [uncond; cond]: a call per block
+            parts = [self._run({k: v[i:i + self.block] if self.spec.input(k).shape[:1] == ("B",) else v
+                                for k, v in feeds.items()}) for i in range(0, rows, self.block)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in self._outputs}
+        return self._run(feeds)
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = {}
         for name, value in feeds.items():
-            dtype, static = self._inputs[name]
+            dtype, bounds = self._inputs[name]
             cast[name] = np.ascontiguousarray(value, dtype=dtype)
-            if static is not None and cast[name].shape != static:
-                raise ProfileError(self._misfit(name, cast[name].shape, static))
+            if bounds is not None and not _within(cast[name].shape, *bounds):
+                raise ProfileError(self._misfit(name, {n: np.shape(v) for n, v in feeds.items()}))
         result = self.request.infer(cast, share_inputs=True)     # share_outputs=False: outputs are copies
         return {name: result[i] for i, name in enumerate(self._outputs)}
 
-    def _misfit(self, name: str, shape: tuple, static: tuple) -> str:
-        symbols = self.spec.input(name).shape
-        built, asked = _size(symbols, static), _size(symbols, shape)
-        rebuild = builds.static_rebuild(f"sdrt build {self.folder or 'OUT'} --backend openvino", self.spec.name,
-                                        shape[0] if symbols[:1] == ("B",) else 1, asked)
+    def _misfit(self, name: str, shapes: Mapping[str, tuple]) -> str:
+        """The error of a request (input ``shapes``) whose ``name`` does not fit this static build: the shape
+        built, in pixels or prompt chunks, and the ``sdrt build`` command of a build that takes the request."""
+        symbols, shape, (lo, hi) = self.spec.input(name).shape, tuple(shapes[name]), self._inputs[name][1]
+        built = _size(symbols, lo) or self._prompt(symbols, hi)
+        sized = next((t for t in self.spec.inputs if t.name in shapes and _size(t.shape, shapes[t.name])), None)
+        asked = _size(sized.shape, shapes[sized.name]) if sized else None
+        command, chunks = f"sdrt build {self.folder or 'OUT'} --backend openvino", self._chunks(shapes)
+        rows = shape[0] if symbols[:1] == ("B",) else 1
+        first = self._inputs[self.spec.inputs[0].name][1]
+        if chunks > 1:                  # a --prompt-chunks build: one row per image, with guidance or without
+            images = rows // 2 if self.spec.name in builds.GUIDED and not self.block and rows % 2 == 0 else rows
+            rebuild = f"`{command} --static {asked or 'WIDTHxHEIGHT'} --batch {images} --prompt-chunks {chunks}`"
+        else:
+            rebuild = builds.static_rebuild(command, self.spec.name, rows, asked)
+        if self.spec.name in builds.GUIDED and first and 2 * rows == first[1][0] and not self.block:
+            rebuild += (f"; or, when the prompt and the negative prompt differ in 77-token chunks (so run apart, "
+                        f"{rows} row{'s' if rows > 1 else ''} a call), `{command} --static {asked or 'WIDTHxHEIGHT'} "
+                        f"--batch {rows} --prompt-chunks K` for prompts of up to K chunks")
+        ranged = lo if lo == hi else "(" + ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi)) + ")"
         return (f"{self.spec.name}: '{name}' has shape {shape}, but this OpenVINO build is static for "
-                f"{static}{f' ({built})' if built else ''}; rebuild with {rebuild}, or build without --static "
-                "for any size and batch")
+                f"{ranged}{f' ({built})' if built else ''}; rebuild with {rebuild}; or build without --static "
+                "for any size, batch and prompt length")
+
+    def _block_rows(self) -> int | None:
+        """The batch of a static UNet or ControlNet built for prompts of several chunks (``--prompt-chunks``,
+        whose token axis is a range): one row per image, so a request of k such blocks of rows ([uncond; cond],
+        more with AND) runs as k calls, as a prompt and a negative prompt of different lengths do anyway.
+        None for every other graph."""
+        if self.spec.name not in builds.GUIDED or self.spec.inputs[0].shape[:1] != ("B",):
+            return None
+        ranged = [b for t in self.spec.inputs if "S" in t.shape and (b := self._inputs[t.name][1])
+                  and b[0][t.shape.index("S")] < b[1][t.shape.index("S")]]
+        first = self._inputs[self.spec.inputs[0].name][1]
+        return first[0][0] if ranged and first and first[0][0] == first[1][0] else None
+
+    def _prompt(self, symbols: tuple, shape: tuple) -> str | None:
+        """What the token axis of a UNet or ControlNet input built up to ``shape`` takes, in prompt chunks."""
+        if self.spec.name not in builds.DENOISERS or "S" not in symbols:
+            return None
+        chunks = -(-shape[symbols.index("S")] // CLIP_LENGTH)
+        return "prompts of one 77-token chunk" if chunks == 1 else f"prompts of up to {chunks} 77-token chunks"
+
+    def _chunks(self, shapes: Mapping[str, tuple]) -> int:
+        """The 77-token prompt chunks a rebuild takes: the request's, or this build's when more."""
+        if self.spec.name not in builds.DENOISERS:
+            return 1
+        tokens = [n for t in self.spec.inputs if "S" in t.shape and t.name in shapes and self._inputs[t.name][1]
+                  for n in (shapes[t.name][t.shape.index("S")], self._inputs[t.name][1][1][t.shape.index("S")])]
+        return -(-max(tokens, default=CLIP_LENGTH) // CLIP_LENGTH)
 
 
 def load(path: Path, spec: ComponentSpec, threads: int = 0, device: str = "CPU",
@@ -155,6 +206,18 @@ def with_weights(path: Path, values: Mapping[str, np.ndarray], spec: ComponentSp
 def _name(port, tensors) -> str:
     """The spec's name for a graph port (OpenVINO may give a tensor several names)."""
     return next((t.name for t in tensors if t.name in port.get_names()), port.get_any_name())
+
+
+def _bounds(shape) -> tuple[tuple, tuple] | None:
+    """(lowest, highest) shape of a port whose every axis is fixed or bounded, as in a static build (whose
+    token axis may be a range, ``--prompt-chunks``); None when an axis is unbounded (a dynamic graph)."""
+    if shape.rank.is_dynamic or any(d.get_max_length() < 0 for d in shape):
+        return None
+    return tuple(d.get_min_length() for d in shape), tuple(d.get_max_length() for d in shape)
+
+
+def _within(shape: tuple, lo: tuple, hi: tuple) -> bool:
+    return len(shape) == len(lo) and all(a <= n <= b for a, n, b in zip(lo, shape, hi))
 
 
 def _size(symbols: tuple, shape: tuple) -> str | None:
@@ -217,7 +280,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     built), then compile it once for ``options.device`` so that loads find it in OpenVINO's model cache.
     ``--precision fp16`` stores fp16 weights (``compress_to_fp16``; a CPU still computes in f32 unless loaded
     with another ``inference_precision``), ``int8`` quantizes (:mod:`sdrt.quantize.openvino`). The precision
-    each component compiled to is read back and recorded in ``build.json`` as ``compiled``.
+    each component compiled to is read back and recorded in ``build.json`` as ``compiled``. ``--static`` fixes
+    every input shape (:func:`builds.static_shapes`), bar the UNet's token axis with ``--prompt-chunks K`` > 1.
 
     Returns the entry folder. ``sdrt.load(folder, runtime="openvino")`` runs the newest build.
     """
@@ -225,9 +289,13 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
     folder = Path(folder)
     manifest = mf.read(folder)
     options.check(manifest.architecture.get("vae_factor", VAE_FACTOR))
-    if options.ranged():
-        raise InvalidRequest(f"{', '.join(options.ranged())} set TensorRT shape ranges; OpenVINO builds are dynamic, "
-                             "or static with --static WIDTHxHEIGHT --batch N")
+    ranged = [flag for flag in options.ranged() if flag != "--prompt-chunks"]
+    if ranged:
+        raise InvalidRequest(f"{', '.join(ranged)} set TensorRT shape ranges; OpenVINO builds are dynamic, "
+                             "or static with --static WIDTHxHEIGHT --batch N --prompt-chunks K")
+    if options.prompt_chunks is not None and options.static is None:
+        raise InvalidRequest("--prompt-chunks bounds the prompt length of a static build; a dynamic OpenVINO build "
+                             "takes prompts of any length: add --static WIDTHxHEIGHT or drop --prompt-chunks")
     if not options.cfg and options.static is None:
         raise InvalidRequest("--no-cfg fixes the UNet's batch of a static build; a dynamic OpenVINO build takes "
                              "any batch: add --static WIDTHxHEIGHT or drop --no-cfg")
@@ -237,6 +305,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
                 "batch": (options.batch or 1) if options.static else None}
     if not options.cfg:             # recorded only when set, so the builds made before the option keep their key
         settings["cfg"] = False
+    if (options.prompt_chunks or 1) > 1:    # likewise: 1 chunk, the default, is the build made before the option
+        settings["prompt_chunks"] = options.prompt_chunks
     int8 = settings["precision"] == "int8"
     if int8:
         from ..quantize import openvino as quantize
@@ -277,8 +347,9 @@ def _convert(ov, onnx_path: Path, xml: Path, spec: ComponentSpec, arch: dict, op
     model = ov.convert_model(str(onnx_path)) if options.precision == "int8" else _core().read_model(str(onnx_path))
     if options.static is not None:
         width, height = options.static
-        model.reshape({k: list(v) for k, v in builds.static_shapes(spec, arch, width, height, options.batch or 1,
-                                                                   options.cfg).items()})
+        shapes = builds.static_shapes(spec, arch, width, height, options.batch or 1, options.cfg,
+                                      options.prompt_chunks or 1)
+        model.reshape({k: list(v) for k, v in shapes.items()})     # a (min, max) axis: a bounded range
     ov.save_model(model, str(xml), compress_to_fp16=options.precision == "fp16")   # else the export's own
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..errors import BackendUnavailable, InvalidRequest
-from ..specs import CLIP_LENGTH, ComponentSpec, half, spec_for
+from ..specs import ComponentSpec, half, spec_for
 from . import builds
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def dims(spec_name: str, arch: dict, corner: Corner, cfg: bool = True) -> dict[s
     """The spec symbols of the graph ``spec_name`` in a request at ``corner``: its batch as the pipeline runs it
     (:func:`builds.rows`: the UNet and ControlNets on [uncond; cond] with ``cfg``), and the UNet and ControlNets
     take prompts of ``chunks`` 77-token chunks, the text encoder one chunk at a time."""
-    tokens = CLIP_LENGTH * (corner.chunks if spec_name in builds.DENOISERS else 1)
-    return builds.symbols(spec_name, arch, corner.batch, corner.width, corner.height, tokens, cfg)
+    return builds.symbols(spec_name, arch, corner.batch, corner.width, corner.height,
+                          builds.tokens(spec_name, corner.chunks), cfg)
 
 
 def profile(spec: ComponentSpec, arch: dict, shapes: ShapeRange, cfg: bool = True) -> dict[str, tuple]:

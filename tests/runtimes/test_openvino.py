@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -140,6 +141,63 @@ def test_no_cfg_is_part_of_the_build_key(static_export, no_cfg_export, capsys):
     assert no_cfg == {**options, "cfg": False} and "cfg" not in options    # builds before --no-cfg keep their key
     assert main(["build", str(no_cfg_export), "--backend", "openvino", "--no-cfg"]) == 2
     assert "--no-cfg fixes the UNet's batch of a static build" in capsys.readouterr().err
+
+
+# a prompt of 2 77-token chunks (90 tokens) and one of 3 (165 tokens), A1111 style: chunks concatenated, unpadded
+LONG, LONGER = "a red fox " * 30, "a red fox " * 55
+
+
+@pytest.fixture(scope="module")
+def chunks_export(tiny_export, tmp_path_factory):
+    """A copy of the tiny export with a static 64x64 batch-1 build taking prompts of 1 or 2 chunks."""
+    folder = copy_export(tiny_export, tmp_path_factory.mktemp("ov_chunks") / "export")
+    assert main(["build", str(folder), "--backend", "openvino", "--static", "64x64", "--prompt-chunks", "2"]) == 0
+    return folder
+
+
+def test_prompt_chunks_static_build_runs_long_prompts(chunks_export, ov, ort):
+    """Only the UNet's token axis is a range (77..154), its batch one row per image: a prompt and a negative
+    prompt of different lengths run apart (as A1111 does), [uncond; cond] of one length as two calls. 1- and
+    2-chunk prompts give the dynamic build's and ONNX Runtime's images."""
+    pipe = sdrt.load(chunks_export, runtime="openvino", progress=False)
+    unet = pipe.models.unet.inner
+    width = ov.models.arch["cross_attention_dim"]
+    assert unet.block == 1 and tuple(unet.compiled.input("sample").get_shape()) == (1, 4, 8, 8)
+    assert tuple(unet.compiled.input("timestep").get_shape()) == (1,)
+    assert str(unet.compiled.input("encoder_hidden_states").get_partial_shape()) == f"[1,77..154,{width}]"
+    assert pipe.models.text_encoder.inner.compiled.input("input_ids").get_partial_shape().is_static
+    for prompt, negative in (("a red fox", "blurry"), (LONG, "blurry"), (LONG, LONG)):
+        kw = {**KW, "negative_prompt": negative}
+        ours = pipe.txt2img(prompt, **kw)
+        assert max_diff(ours, ov.txt2img(prompt, **kw)) <= TOLERANCE
+        assert max_diff(ours, ort.txt2img(prompt, **kw)) <= TOLERANCE
+
+
+def test_prompt_longer_than_the_build_names_the_chunks(chunks_export, static_export):
+    pipe = sdrt.load(chunks_export, runtime="openvino", progress=False)
+    with pytest.raises(ProfileError, match=r"'encoder_hidden_states' has shape \(1, 231, \d+\), but this OpenVINO "
+                                           r"build is static for \(1, 77\.\.154, \d+\) \(prompts of up to 2 77-token "
+                                           r"chunks\); rebuild with `sdrt build .* --backend openvino --static 64x64 "
+                                           r"--batch 1 --prompt-chunks 3`"):
+        pipe.txt2img(LONGER, **KW)
+    default = sdrt.load(static_export, runtime="openvino", progress=False)
+    with pytest.raises(ProfileError, match=r"has shape \(2, 154, \d+\), but this OpenVINO build is static for "
+                                           r"\(2, 77, \d+\) \(prompts of one 77-token chunk\); rebuild with `sdrt build "
+                                           r".* --static 64x64 --batch 1 --prompt-chunks 2`"):
+        default.txt2img(LONG, **{**KW, "negative_prompt": LONG})
+    with pytest.raises(ProfileError, match=r"'sample' has shape \(1, 4, 8, 8\).* differ in 77-token chunks .*"
+                                           r"`sdrt build .* --static 64x64 --batch 1 --prompt-chunks K`"):
+        default.txt2img(LONG, **KW)         # the negative prompt's block, one chunk, runs first, alone
+
+
+def test_prompt_chunks_are_part_of_the_build_key(chunks_export, static_export, capsys):
+    record = json.loads((sdrt.build(chunks_export, replace(STATIC, prompt_chunks=2), progress=False)
+                         / "build.json").read_text())
+    assert record["options"] == {"precision": "fp32", "static": [64, 64], "batch": 1, "prompt_chunks": 2}
+    entry = sdrt.build(static_export, STATIC, progress=False)
+    assert sdrt.build(static_export, replace(STATIC, prompt_chunks=1), progress=False) == entry    # the default
+    assert main(["build", str(chunks_export), "--backend", "openvino", "--prompt-chunks", "2"]) == 2
+    assert "--prompt-chunks bounds the prompt length of a static build" in capsys.readouterr().err
 
 
 def test_build_and_load_reuse_the_cache(static_export):
