@@ -181,6 +181,7 @@ def _settings(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> dic
             "runs": options.runs, "warmup": options.warmup, "threads": options.threads, "seed": options.seed,
             "sampler": options.sampler, "scheduler": options.scheduler, "vae": options.vae,
             "family": manifest.architecture.get("family", "sd1"), "prompt": options.prompt,
+            "weight_format": manifest.components["unet"].precision,       # the export's; the peers store the same
             "inference_precision": options.inference_precision, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -227,7 +228,8 @@ def _peer_jobs(folder: Path, settings: dict, options: BenchOptions) -> list[tupl
                     "error": "--vae tiny: pass --tiny-vae-source DIR (the AutoencoderTiny folder the export used)"}
         else:
             spec = {"kind": "peer", "peer": peer, "source": str(source), "cache_dir": str(_peer_cache(folder)),
-                    "family": settings["family"], "scheduler_class": [cls, kwargs],
+                    "family": settings["family"], "weight_format": settings["weight_format"],
+                    "scheduler_class": [cls, kwargs],
                     "tiny_vae_source": str(tiny) if options.vae == "tiny" else None,
                     **_shared(options, folder)}
             if "-int8" in peer:

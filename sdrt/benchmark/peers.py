@@ -17,7 +17,9 @@ where the torch modules were), so one harness times them all:
 - ``optimum-onnxruntime``: Optimum's ``ORTStableDiffusion(XL)Pipeline`` on the CPU execution provider.
 
 The Optimum peers convert the diffusers folder once (``export``, in its own process, so its memory does
-not count against the peer) into ``cache_dir`` and load from there, as sdrt loads its own export.
+not count against the peer) into ``cache_dir`` and load from there, as sdrt loads its own export. Optimum-Intel
+stores the weights at the export's precision (``weight_format``: fp16 for an ``sdrt export --fp16``, as
+``optimum-cli export openvino --weight-format fp16``), so both load the same bytes.
 All use the diffusers scheduler the spec names (``scheduler_class``, resolved from sdrt's sampler and
 schedule names by the harness), the spec's size, steps, guidance and seed with a CPU ``torch.Generator``.
 With ``tiny_vae_source`` (``--vae tiny``) they decode with that AutoencoderTiny: diffusers in torch,
@@ -307,6 +309,8 @@ def export(spec: dict) -> dict:
     if int8:
         stamp += f":{spec['int8_samples']}:" + "\n".join(spec["calibration_prompts"])
         name += f"-n{spec['int8_samples']}"
+    elif fam == "optimum-intel" and spec.get("weight_format", "fp32") != "fp32":
+        name += f"-{spec['weight_format']}"
     key = f"{name}-{metadata.version(package)}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
     target = Path(spec["cache_dir"]) / key
     if (target / "model_index.json").is_file():
@@ -321,11 +325,18 @@ def export(spec: dict) -> dict:
                                                 num_samples=spec["int8_samples"])
             pipe = cls.from_pretrained(str(source), export=True, compile=False, quantization_config=config)
         elif fam == "optimum-intel":
-            pipe = cls.from_pretrained(str(source), export=True, compile=False, load_in_8bit=False)
+            pipe = None
         else:
             pipe = cls.from_pretrained(str(legacy_tokenizer(source, Path(tmp))), export=True)
         staged = Path(tmp) / uuid.uuid4().hex
-        pipe.save_pretrained(staged)
+        if pipe is None:        # `optimum-cli export openvino --weight-format F`: F's weights, none int8
+            # (from_pretrained(export=True, load_in_8bit=False) exported SDXL's UNet with no .xml, optimum-intel 2.2)
+            from optimum.exporters.openvino import main_export
+            from optimum.intel import OVConfig
+            main_export(str(source), staged, task="text-to-image", ov_config=OVConfig(dtype=spec.get("weight_format",
+                                                                                                   "fp32")))
+        else:
+            pipe.save_pretrained(staged)
         try:
             staged.rename(target)               # atomic: a killed export leaves no half-written target
         except OSError:
