@@ -97,3 +97,28 @@ def test_openvino_keeps_an_fp16_export_fp16(tiny_fp16_export):
     pytest.importorskip("openvino")
     with pytest.raises(InvalidRequest, match="this export is fp16"):
         sdrt.build(tiny_fp16_export, BuildOptions(precision="fp32"), progress=False)
+
+
+def test_openvino_build_of_an_fp16_export_stores_compressed_weights(tiny_fp16_export, tiny_export):
+    """`sdrt build` widens an fp16 export's graphs to f32 and stores the weights fp16 with decompression marks, as
+    OpenVINO's own fp16 IR does (the CPU plugin would otherwise materialise f32 copies beside them): same weights,
+    the initializer names kept for LoRA, and the image of the fp32 export."""
+    ov = pytest.importorskip("openvino")
+    entry = sdrt.build(tiny_fp16_export, BuildOptions(backend="openvino"), progress=False)
+    model = ov.Core().read_model(str(entry / "unet.xml"))
+    assert {p.get_element_type() for p in model.get_parameters()} == {ov.Type.f32}
+    ops = model.get_ordered_ops()
+    assert not [op for op in ops if op.get_type_name() == "Convert" and op.get_output_element_type(0) == ov.Type.f16]
+    weights = [op for op in ops if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16]
+    marked = [i.get_node() for op in weights for i in op.output(0).get_target_inputs()]   # rt_info reads back as
+    assert weights and all(n.get_type_name() == "Convert" and any(k.startswith("decompression")   # decompression_0
+                                                                   for k in n.get_rt_info().keys()) for n in marked)
+    source = onnx.load(str(tiny_fp16_export / "unet.onnx"))
+    named = {op.output(0).get_any_name(): op.get_data() for op in weights if op.output(0).get_names()}
+    initializers = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    assert set(initializers) <= set(named)
+    assert all(np.array_equal(named[k], v) for k, v in initializers.items())
+    built = sdrt.load(tiny_fp16_export, runtime="openvino", progress=False).txt2img("a cat", **KW)
+    full = sdrt.load(tiny_export, runtime="onnxruntime", progress=False).txt2img("a cat", **KW)
+    a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (built, full))
+    assert np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 4
