@@ -203,7 +203,8 @@ def _sdrt_jobs(folder: Path, manifest: mf.Manifest, options: BenchOptions) -> li
                 components = locate(folder, manifest, precision) if locate else manifest.components
             except SdrtError:           # TensorRT runs built engines only: no build at this precision
                 continue
-            if precision in {c.precision for c in components.values()}:   # ONNX Runtime int8: the UNet
+            unet = components.get("unet")       # a build's precision is its UNet's (SDXL --fp16 keeps an fp32 VAE)
+            if unet is not None and unet.precision == precision:
                 spec = {"kind": "sdrt", "runtime": name, "precision": precision,
                         **_shared(options, folder)}
                 jobs.append((f"sdrt {name} {precision}", spec, sys.executable))
