@@ -307,6 +307,8 @@ def build(folder: str | Path, options: builds.BuildOptions, progress: bool = Tru
         settings["cfg"] = False
     if (options.prompt_chunks or 1) > 1:    # likewise: 1 chunk, the default, is the build made before the option
         settings["prompt_chunks"] = options.prompt_chunks
+    if settings["precision"] == "fp16" and any(c.precision == "fp16" for c in manifest.components.values()):
+        settings["fp16_graphs"] = "widened"     # a new key: builds of fp16 exports made before widen_fp16 are redone
     int8 = settings["precision"] == "int8"
     if int8:
         from ..quantize import openvino as quantize
