@@ -364,8 +364,8 @@ def widen_fp16(ov, model) -> None:
     """Turn an fp16 graph (``sdrt export --fp16``) into an f32 graph of the same weights, in place, so that
     ``save_model(compress_to_fp16=True)`` stores them as fp16 constants marked for decompression, as OpenVINO's
     own fp16 IR (and Optimum-Intel's) does. The CPU plugin then keeps one working copy of the weights at the
-    precision it computes in: the fp16 graph made it materialise f32 constants as well (an SDXL UNet: 19.7 GiB
-    after compiling for bf16, against 5.5 GiB plus the 5.1 GiB weights file mapped). Widening fp16 is exact,
+    precision it computes in: the fp16 graph made it materialise f32 constants as well (an SDXL UNet: 18.8 GiB
+    after compiling for bf16, against 5.2 GiB plus the 4.8 GiB weights file mapped). Widening fp16 is exact,
     and the casts the export kept around softmax, GroupNorm and the timestep embedding become no-ops."""
     f16 = ov.Type.f16
     for op in model.get_ordered_ops():
