@@ -319,24 +319,22 @@ def export(spec: dict) -> dict:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{key}-") as tmp:
         cls = pipeline_class(spec["peer"], spec.get("family", "sd1"))
+        staged = Path(tmp) / uuid.uuid4().hex
         if int8:
             from optimum.intel import OVWeightQuantizationConfig
             config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=spec["calibration_prompts"],
                                                 num_samples=spec["int8_samples"])
-            pipe = cls.from_pretrained(str(source), export=True, compile=False, quantization_config=config)
+            cls.from_pretrained(str(source), export=True, compile=False, quantization_config=config).save_pretrained(
+                staged)
         elif fam == "optimum-intel":
-            pipe = None
-        else:
-            pipe = cls.from_pretrained(str(legacy_tokenizer(source, Path(tmp))), export=True)
-        staged = Path(tmp) / uuid.uuid4().hex
-        if pipe is None:        # `optimum-cli export openvino --weight-format F`: F's weights, none int8
-            # (from_pretrained(export=True, load_in_8bit=False) exported SDXL's UNet with no .xml, optimum-intel 2.2)
+            # as `optimum-cli export openvino --weight-format F`, F the export's precision, no int8 weights
+            # (from_pretrained(export=True, load_in_8bit=False) left SDXL's UNet unsaved, optimum-intel 2.2)
             from optimum.exporters.openvino import main_export
             from optimum.intel import OVConfig
-            main_export(str(source), staged, task="text-to-image", ov_config=OVConfig(dtype=spec.get("weight_format",
-                                                                                                   "fp32")))
+            main_export(str(source), staged, task="text-to-image",
+                        ov_config=OVConfig(dtype=spec.get("weight_format", "fp32")))
         else:
-            pipe.save_pretrained(staged)
+            cls.from_pretrained(str(legacy_tokenizer(source, Path(tmp))), export=True).save_pretrained(staged)
         try:
             staged.rename(target)               # atomic: a killed export leaves no half-written target
         except OSError:
