@@ -157,3 +157,17 @@ def test_few_step_options_are_checked(tiny_export):
     assert main([str(tiny_export), "--peers", "none", "--sampler", "Euler q"]) == 2
     assert main([str(tiny_export), "--peers", "none", "--scheduler", "exponential"]) == 2
     assert main([str(tiny_export), "--peers", "none", "--vae", "tiny"]) == 2     # exported without --tiny-vae
+
+
+def test_one_sdrt_row_per_unet_precision(tmp_path):
+    """An SDXL --fp16 export keeps its VAE fp32: that is one fp16 system to measure, not an extra "fp32" row
+    running the fp16 graphs; and the Optimum peers are told to store fp16 weights like it."""
+    pytest.importorskip("openvino")
+    from sdrt import manifest as mf
+    from sdrt.benchmark import _sdrt_jobs, _settings
+    components = {"unet": mf.Component("unet_sdxl", "unet.onnx", "fp16"),
+                  "vae_decoder": mf.Component("vae_decoder", "vae_decoder.onnx", "fp32")}
+    manifest = mf.Manifest(source="sdxl", architecture={"family": "sdxl"}, components=components)
+    options = BenchOptions(runtimes=("openvino",), peers=())
+    assert [name for name, *_ in _sdrt_jobs(tmp_path, manifest, options)] == ["sdrt openvino fp16"]
+    assert _settings(tmp_path, manifest, options)["weight_format"] == "fp16"
